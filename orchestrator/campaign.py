@@ -1,0 +1,187 @@
+"""A campaign directory: created from a spec, or reopened and checked against one.
+
+campaign.toml is written last when a campaign is created, so a directory that has it holds a
+complete plan. Reopening compares every result-changing key of the new spec with the frozen one and
+refuses on any difference; keys that only change how the work is done ([resources], [estimates],
+a larger [campaign] runs) are taken from the new spec and the frozen file is updated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from workers.datasets import Dataset, dataset_fingerprint, load_dataset
+from workers.storage import atomic_path, atomic_write_text, is_temporary
+
+from . import plan as planning
+from . import spec as specs
+from .paths import CampaignPaths
+
+
+class CampaignError(RuntimeError):
+    """A campaign directory that cannot be used as asked; the message says why and what to run."""
+
+
+class SpecMismatchError(CampaignError):
+    pass
+
+
+def write_examples(path: Path, data: Dataset, fingerprint: str) -> None:
+    """plan/examples.parquet: split, example, label (and group) of every example, so that estimates
+    can be labelled and filtered by class without the dataset."""
+    n_tr, n_te = data.n_train, data.n_test
+    cols = {
+        "split": pa.array(["train"] * n_tr + ["test"] * n_te).dictionary_encode(),
+        "example": pa.array(np.r_[np.arange(n_tr), np.arange(n_te)].astype(np.int32)),
+        "label": pa.array(np.r_[data.y_train, data.y_test].astype(np.int32)),
+    }
+    if data.train_groups is not None and data.test_groups is not None:
+        cols["group"] = pa.array(np.r_[data.train_groups, data.test_groups].astype(np.int32))
+    meta = {"fingerprint": fingerprint, "dataset": data.name, "num_classes": data.num_classes,
+            "input_shape": list(data.input_shape), "info": data.info}
+    table = pa.table(cols).replace_schema_metadata({b"longtail": json.dumps(meta).encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def read_examples(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[b"longtail"])
+    split = table.column("split").to_numpy(zero_copy_only=False).astype(str)
+    out = {}
+    for name in ("train", "test"):
+        sel = split == name
+        order = np.argsort(table.column("example").to_numpy()[sel])
+        out[f"{name}_labels"] = table.column("label").to_numpy()[sel][order].astype(np.int64)
+        if "group" in table.column_names:
+            out[f"{name}_groups"] = table.column("group").to_numpy()[sel][order].astype(np.int64)
+    return meta, out
+
+
+@dataclass
+class Campaign:
+    paths: CampaignPaths
+    spec: specs.Spec
+    plan: planning.Plan
+    dataset: Dataset | None  # None when opened without loading the data (estimate, status)
+    labels: dict[str, np.ndarray]  # train_labels, test_labels (and groups) from plan/examples.parquet
+    fingerprint: str  # of the dataset, see workers.datasets.dataset_fingerprint
+    notes: list[str]  # what opening changed, for the user
+
+    @property
+    def name(self) -> str:
+        return self.spec.campaign.name
+
+    @property
+    def n_train(self) -> int:
+        return self.plan.n_train
+
+    @property
+    def n_test(self) -> int:
+        return len(self.labels["test_labels"])
+
+    def finished_runs(self) -> set[int]:
+        """Runs whose shard exists under its final name (the definition of done)."""
+        done = set()
+        if self.paths.runs_dir.exists():
+            for entry in os.scandir(self.paths.runs_dir):
+                r = self.paths.run_of_shard(entry.name)
+                if r is not None and r < self.plan.runs:
+                    done.add(r)
+        return done
+
+    def failed_runs(self) -> set[int]:
+        failed = set()
+        if self.paths.failed_dir.exists():
+            for entry in os.scandir(self.paths.failed_dir):
+                if entry.name.startswith("run-") and entry.name.endswith(".json"):
+                    failed.add(int(entry.name[4:-5]))
+        return failed
+
+    def sweep_temporaries(self) -> list[Path]:
+        """Remove files a crashed writer left behind under temporary names; return what was removed."""
+        removed = []
+        for d in (self.paths.runs_dir, self.paths.state_dir, self.paths.estimates_dir, self.paths.plan_dir,
+                  self.paths.root):
+            if d.exists():
+                for entry in os.scandir(d):
+                    if entry.is_file() and is_temporary(entry.name):
+                        os.unlink(entry.path)
+                        removed.append(Path(entry.path))
+        return removed
+
+
+def _check_spec(frozen: specs.Spec, new: specs.Spec, paths: CampaignPaths) -> None:
+    diffs = specs.differences(frozen, new)
+    if diffs:
+        lines = "\n".join(f"  {k}: {a!r} in {paths.spec}, {b!r} in the new spec" for k, a, b in diffs)
+        raise SpecMismatchError(
+            f"the spec changes results of the existing campaign in {paths.root}:\n{lines}\n"
+            f"Resume with the frozen spec (longtail resume {paths.root}), or start a new campaign with "
+            f"--out pointing to another directory.")
+    if new.campaign.runs < frozen.campaign.runs:
+        raise SpecMismatchError(
+            f"[campaign] runs: {frozen.campaign.runs} in {paths.spec}, {new.campaign.runs} in the new spec; "
+            f"a campaign can grow but not shrink (its estimates may already include those runs)")
+
+
+def create_or_open(spec: specs.Spec | None, root, load_data: bool = True) -> Campaign:
+    """Create the campaign in `root` from `spec`, or reopen it (spec=None: use the frozen one)."""
+    paths = CampaignPaths(root)
+    notes: list[str] = []
+    if paths.spec.exists():
+        frozen = specs.load(paths.spec)
+        if spec is None:
+            spec = frozen
+        else:
+            _check_spec(frozen, spec, paths)
+            changed = [k for k in sorted(set(frozen.to_dict()) | set(spec.to_dict()))
+                       if frozen.to_dict().get(k) != spec.to_dict().get(k)]
+            if changed:
+                notes.append(f"updated {', '.join('[' + c + ']' for c in changed)} in {paths.spec}")
+        dataset = load_dataset(spec.dataset.as_dict()) if load_data else None
+        meta, labels = read_examples(paths.examples)
+        if dataset is not None and dataset_fingerprint(dataset) != meta["fingerprint"]:
+            raise CampaignError(f"the dataset {spec.dataset.name!r} differs from the one this campaign was "
+                                f"created with (fingerprint {dataset_fingerprint(dataset)} vs {meta['fingerprint']} "
+                                f"in {paths.examples}); its estimates would mix two datasets")
+        plan = planning.read_plan(paths)
+        c = spec.campaign
+        if (plan.design, plan.campaign_seed, plan.subset_size) != (
+                c.design, c.seed, planning.subset_size(c.subset_ratio, plan.n_train)):
+            raise CampaignError(f"the plan in {paths.plan_dir} does not match {paths.spec} (design, seed or subset "
+                                f"size differ); the campaign directory was modified by hand")
+        if spec.campaign.runs > plan.runs:
+            plan = planning.extend_plan(plan, spec.campaign.runs)
+            planning.write_plan(paths, plan)
+            notes.append(f"extended the plan from {frozen.campaign.runs} to {spec.campaign.runs} runs")
+        if spec.to_dict() != frozen.to_dict():
+            atomic_write_text(paths.spec, specs.dumps(spec))
+        return Campaign(paths, spec, plan, dataset, labels, meta["fingerprint"], notes)
+
+    if spec is None:
+        raise CampaignError(f"{paths.root} is not a campaign directory (no campaign.toml); "
+                            f"start one with: longtail run SPEC --out {paths.root}")
+    if paths.root.exists() and any(p for p in paths.root.iterdir() if not is_temporary(p.name)):
+        raise CampaignError(f"{paths.root} exists, is not empty and holds no campaign.toml; refusing to write "
+                            f"a campaign into it. Choose another --out directory.")
+    dataset = load_dataset(spec.dataset.as_dict())
+    fingerprint = dataset_fingerprint(dataset)
+    plan = planning.make_plan(spec.campaign.design, spec.campaign.seed, dataset.n_train,
+                              spec.campaign.subset_ratio, spec.campaign.runs)
+    paths.make_dirs()
+    write_examples(paths.examples, dataset, fingerprint)
+    planning.write_plan(paths, plan)
+    atomic_write_text(paths.spec, specs.dumps(spec))  # last: its presence means the campaign is complete
+    labels = {"train_labels": dataset.y_train, "test_labels": dataset.y_test}
+    if dataset.train_groups is not None:
+        labels.update(train_groups=np.asarray(dataset.train_groups), test_groups=np.asarray(dataset.test_groups))
+    notes.append(f"created campaign {spec.campaign.name!r} in {paths.root}")
+    return Campaign(paths, spec, plan, dataset if load_data else None, labels, fingerprint, notes)

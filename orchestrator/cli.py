@@ -1,0 +1,246 @@
+"""The `longtail` command: a thin shell over the orchestrator. Each command calls one function."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+import click
+
+from . import spec as specs
+
+DEMO_SPEC = "demo.toml"
+
+
+def _fail(msg: str, code: int = 2):
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+def _errors():
+    """The exceptions that mean bad input or a refused action, printed without a traceback."""
+    from workers.datasets import DatasetError
+    from workers.storage import StorageError
+
+    from .campaign import CampaignError
+    from .lock import LockedError
+    from .plan import PlanError
+
+    return (specs.SpecError, DatasetError, PlanError, CampaignError, LockedError, StorageError)
+
+
+def _load_spec(path: str) -> specs.Spec:
+    try:
+        return specs.load(path)
+    except specs.SpecError as e:
+        _fail(str(e))
+
+
+def _default_out(spec: specs.Spec) -> Path:
+    return Path("campaigns") / spec.campaign.name
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="longtail")
+def main():
+    """Memorization and influence estimation campaigns (Feldman & Zhang 2020) on Ray.
+
+    A campaign trains many models, each on a random subset of the training set, records every
+    model's prediction on every example, and compares the runs that saw an example with those
+    that did not. See docs/ for the spec, the campaign directory and the estimators.
+    """
+
+
+@main.command()
+@click.argument("spec_file", type=click.Path(dir_okay=False))
+def validate(spec_file):
+    """Check SPEC_FILE, print the resolved spec and the size of the work; start nothing."""
+    from workers.datasets import load_dataset
+    from workers.worker import preflight
+
+    from .plan import check_subset_size
+
+    spec = _load_spec(spec_file)
+    try:
+        data = load_dataset(spec.dataset.as_dict())
+        m = check_subset_size(spec.campaign.subset_ratio, data.n_train, f"[campaign] subset_ratio in {spec_file}")
+        preflight(spec.to_dict(), data)
+    except _errors() + (ValueError,) as e:
+        _fail(str(e))
+    click.echo(specs.dumps(spec))
+    t = spec.campaign.runs
+    rows = t * (data.n_train + data.n_test)
+    shard_bytes = rows * 2.9  # measured 2.6-2.9 bytes per row (docs/performance.md)
+    infl = data.n_train * data.n_test * 4 if spec.estimates.influence == "dense" else 0
+    click.echo(f"# dataset {spec.dataset.name!r}: {data.n_train} train, {data.n_test} test examples, "
+               f"{data.num_classes} classes, inputs {data.input_shape}")
+    click.echo(f"# work: {t} runs x {data.n_train + data.n_test} examples = {rows:,} predictions; "
+               f"each run trains on {m} examples")
+    click.echo(f"# disk: about {_human(shard_bytes)} of shards, {_human(t * ((data.n_train + 7) // 8 + 8))} of plan"
+               + (f", {_human(2 * infl)} for dense influence (estimate + checkpoint)" if infl else ""))
+    from estimators.estimates import error_bound
+
+    click.echo(f"# error bound (paper, RMS per estimate) at {t} runs: {error_bound(t, spec.campaign.subset_ratio):.3f}")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
+def _run(spec: specs.Spec | None, out: Path, address: str | None, progress: bool, top: int) -> None:
+    from .campaign import create_or_open
+    from .driver import CampaignInterrupted, run_campaign
+    from workers.worker import preflight
+
+    try:
+        campaign = create_or_open(spec, out)
+        preflight(campaign.spec.to_dict(), campaign.dataset)
+        for note in campaign.notes:
+            click.echo(f"longtail: {note}", err=True)
+        report = run_campaign(campaign, address=address, progress=progress)
+    except CampaignInterrupted as e:
+        _fail(str(e), 130)
+    except _errors() as e:
+        _fail(str(e))
+    _print_result(campaign.paths, report.summary, top, report)
+
+
+def _print_result(paths, summary: dict, top: int, report=None) -> None:
+    runs = summary["runs"]
+    if report is not None:
+        rate = report.trained / report.training_seconds if report.trained and report.training_seconds else 0
+        click.echo(f"trained {report.trained} runs in {report.training_seconds:.1f} s"
+                   + (f" ({rate:.1f} runs/s)" if rate else "")
+                   + f", {report.seconds:.1f} s in all with start-up and estimates; "
+                   f"{report.already_done} were already done")
+        if report.failed:
+            click.echo(f"{len(report.failed)} runs failed (see {paths.failed_dir}); "
+                       f"`longtail resume {paths.root}` retries them")
+    acc = summary.get("test_accuracy") or {}
+    click.echo(f"{runs['folded']}/{runs['planned']} runs folded"
+               + (f"; test accuracy {acc['mean']:.3f} ± {acc['std']:.3f} (mean ± sd over runs)" if acc else ""))
+    click.echo(f"estimates in {paths.estimates_dir}/ (memorization.parquet, "
+               f"{'influence.npy, high_influence_pairs.parquet, ' if paths.influence.exists() else ''}summary.json)")
+    if top:
+        show_top(paths, top)
+
+
+def show_top(paths, k: int) -> None:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(paths.memorization).to_pandas()
+    t = t[t["mem"].notna()].sort_values(["mem", "example"], ascending=[False, True]).head(k)
+    click.echo(f"\nthe {k} most memorized training examples (estimate ± standard error):")
+    click.echo(f"{'example':>8} {'label':>5}  {'memorization':>15}  {'in-acc':>6} {'out-acc':>7} {'runs in/out':>12}")
+    for row in t.itertuples():
+        click.echo(f"{row.example:>8} {row.label:>5}  {row.mem:>7.3f} ± {row.se:.3f}  {row.acc_in:>6.3f} "
+                   f"{row.acc_out:>7.3f} {f'{row.n_in}/{row.n_out}':>12}")
+
+
+@main.command()
+@click.argument("spec_file", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="campaign directory (default: campaigns/<name>); an existing campaign there is continued")
+@click.option("--address", default=None, envvar="LONGTAIL_RAY_ADDRESS",
+              help="join the Ray cluster at ADDR (e.g. 10.0.0.10:6379) instead of starting a local one")
+@click.option("--progress/--no-progress", default=True, help="show the progress display")
+@click.option("--top", default=10, show_default=True, help="print the TOP most memorized examples at the end")
+def run(spec_file, out, address, progress, top):
+    """Run the campaign SPEC_FILE describes; continue it if it already exists.
+
+    Starts an embedded local Ray (dashboard on 127.0.0.1) unless --address is given. Finished runs
+    are never trained again; estimates/ is updated while the campaign runs.
+    """
+    spec = _load_spec(spec_file)
+    _run(spec, Path(out) if out else _default_out(spec), address, progress, top)
+
+
+@main.command()
+@click.argument("campaign_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--address", default=None, envvar="LONGTAIL_RAY_ADDRESS", help="join the Ray cluster at ADDR")
+@click.option("--progress/--no-progress", default=True)
+@click.option("--top", default=10, show_default=True)
+def resume(campaign_dir, address, progress, top):
+    """Continue the campaign in CAMPAIGN_DIR with its frozen spec."""
+    _run(None, Path(campaign_dir), address, progress, top)
+
+
+@main.command()
+@click.argument("campaign_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON")
+def status(campaign_dir, as_json):
+    """How far the campaign in CAMPAIGN_DIR is: runs done, folded, failed, and its driver."""
+    from .campaign import create_or_open
+    from .lock import DriverLock
+
+    try:
+        c = create_or_open(None, campaign_dir, load_data=False)
+    except _errors() as e:
+        _fail(str(e))
+    finished = c.finished_runs()
+    failed = c.failed_runs() - finished
+    summary = json.loads(c.paths.summary.read_text()) if c.paths.summary.exists() else {}
+    holder = DriverLock(c.paths.lock).holder() if c.paths.lock.exists() else None
+    info = {"campaign": c.name, "directory": str(c.paths.root), "runs_planned": c.plan.runs,
+            "runs_finished": len(finished), "runs_failed": len(failed),
+            "runs_folded": summary.get("runs", {}).get("folded", 0), "complete": summary.get("complete", False),
+            "driver": holder}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"campaign {c.name!r} in {c.paths.root}")
+    click.echo(f"  runs: {len(finished)}/{c.plan.runs} finished, {info['runs_folded']} folded into estimates, "
+               f"{len(failed)} failed")
+    click.echo("  driver: " + (f"pid {holder['pid']} on {holder['host']} since {holder['started']}" if holder
+                               else "none running"))
+    if failed:
+        click.echo(f"  failures: {c.paths.failed_dir}/ (retried by `longtail resume {c.paths.root}`)")
+    if len(finished) < c.plan.runs and not holder:
+        click.echo(f"  continue with: longtail resume {c.paths.root}")
+
+
+@main.command()
+@click.argument("campaign_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--top", default=10, show_default=True)
+def estimate(campaign_dir, top):
+    """Recompute estimates/ of CAMPAIGN_DIR from its shards alone (no Ray, no dataset, no checkpoint)."""
+    from .aggregate import Aggregator
+    from .campaign import create_or_open
+    from .driver import RunReport, fold_existing
+
+    try:
+        c = create_or_open(None, campaign_dir, load_data=False)
+        agg = Aggregator(c, from_scratch=True)
+        report = RunReport(planned=c.plan.runs, already_done=0)
+        fold_existing(c, agg, report)
+        summary = agg.write_estimates(complete=bool(agg.folded.all()))
+    except _errors() as e:
+        _fail(str(e))
+    _print_result(c.paths, summary, top)
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False), default="longtail-demo", show_default=True,
+              help="campaign directory")
+@click.option("--runs", type=int, default=None, help="override the number of runs (default: the demo spec's)")
+@click.option("--progress/--no-progress", default=True)
+def demo(out, runs, progress):
+    """The paper's setting on scikit-learn's digits: 0.7 subsets, 1,000+ MLPs, on an embedded Ray."""
+    text = resources.files("orchestrator").joinpath(DEMO_SPEC).read_text()
+    spec = specs.loads(text, f"orchestrator/{DEMO_SPEC}")
+    if runs is not None:
+        spec = spec.replace(campaign=dataclasses.replace(spec.campaign, runs=runs))
+    click.echo(f"longtail demo: {spec.campaign.runs} runs of an MLP on digits, each on a random "
+               f"{spec.campaign.subset_ratio:.0%} subset, campaign directory {out}/", err=True)
+    _run(spec, Path(out), None, progress, 10)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

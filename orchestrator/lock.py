@@ -1,0 +1,99 @@
+"""One driver per campaign: a lock file that names its holder and goes stale when the holder is gone.
+
+The lock is created with O_EXCL. A lock whose holder is a dead process on this host, or whose
+heartbeat (the file's mtime, touched at every checkpoint) is older than `stale_seconds`, is taken
+over with a note; any other lock refuses the second driver with a message that names the first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+
+class LockedError(RuntimeError):
+    pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class DriverLock:
+    def __init__(self, path: Path, stale_seconds: float = 600.0):
+        self.path = Path(path)
+        self.stale_seconds = stale_seconds
+        self.held = False
+        self.note = ""
+
+    def holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _is_stale(self, holder: dict | None) -> str:
+        if holder is None:
+            return "unreadable"
+        if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
+            return f"its driver (pid {holder.get('pid')}) is no longer running"
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except OSError:
+            return "it vanished"
+        if age > self.stale_seconds:
+            return f"its heartbeat is {age:.0f} s old"
+        return ""
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self.holder()
+                why = self._is_stale(holder)
+                if not why:
+                    raise LockedError(
+                        f"another driver is running this campaign: pid {holder.get('pid')} on host "
+                        f"{holder.get('host')}, started {holder.get('started')} (lock {self.path}). Stop it first "
+                        f"(longtail status shows its progress), or wait for it to finish.") from None
+                self.note = f"took over the lock {self.path}: {why}"
+                try:
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise LockedError(f"could not take the lock {self.path}: another driver keeps taking it")
+
+    def heartbeat(self) -> None:
+        if self.held:
+            os.utime(self.path)
+
+    def release(self) -> None:
+        if self.held:
+            holder = self.holder()
+            if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+                self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> "DriverLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

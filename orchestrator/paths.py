@@ -1,0 +1,111 @@
+"""Every path of a campaign directory, built in one place. A run's files are named by its index."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_SHARD_RE = re.compile(r"^run-(\d{6,})\.parquet$")
+
+
+@dataclass(frozen=True)
+class CampaignPaths:
+    root: Path
+
+    def __init__(self, root):
+        object.__setattr__(self, "root", Path(root))
+
+    # the frozen, resolved spec
+    @property
+    def spec(self) -> Path:
+        return self.root / "campaign.toml"
+
+    # the plan: which examples each run trains on, and its training seed
+    @property
+    def plan_dir(self) -> Path:
+        return self.root / "plan"
+
+    @property
+    def plan_masks(self) -> Path:
+        return self.plan_dir / "masks.npy"
+
+    @property
+    def plan_seeds(self) -> Path:
+        return self.plan_dir / "seeds.npy"
+
+    @property
+    def examples(self) -> Path:
+        return self.plan_dir / "examples.parquet"
+
+    @property
+    def plan_info(self) -> Path:
+        return self.plan_dir / "plan.json"
+
+    # one shard per finished run
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    def shard(self, run: int) -> Path:
+        return self.runs_dir / f"run-{run:06d}.parquet"
+
+    @staticmethod
+    def run_of_shard(name: str) -> int | None:
+        m = _SHARD_RE.match(name)
+        return int(m.group(1)) if m else None
+
+    # shards that failed verification, moved aside with the reason
+    @property
+    def rejected_dir(self) -> Path:
+        return self.root / "rejected"
+
+    # why a run failed
+    @property
+    def failed_dir(self) -> Path:
+        return self.root / "failed"
+
+    def failure(self, run: int) -> Path:
+        return self.failed_dir / f"run-{run:06d}.json"
+
+    # the aggregate checkpoint and the driver's lock
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.state_dir / "fold.npz"
+
+    @property
+    def lock(self) -> Path:
+        return self.state_dir / "driver.lock"
+
+    # estimates
+    @property
+    def estimates_dir(self) -> Path:
+        return self.root / "estimates"
+
+    @property
+    def memorization(self) -> Path:
+        return self.estimates_dir / "memorization.parquet"
+
+    @property
+    def influence(self) -> Path:
+        return self.estimates_dir / "influence.npy"
+
+    @property
+    def pairs(self) -> Path:
+        return self.estimates_dir / "high_influence_pairs.parquet"
+
+    @property
+    def summary(self) -> Path:
+        return self.estimates_dir / "summary.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report" / "index.html"
+
+    def make_dirs(self) -> None:
+        for d in (self.root, self.plan_dir, self.runs_dir, self.failed_dir, self.state_dir, self.estimates_dir):
+            d.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,78 @@
+"""Campaign progress for people: a live bar on a terminal, a plain line every few seconds elsewhere
+(Ray job logs, CI, files), both showing runs done/total, runs/s over this session and the ETA."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def format_seconds(s: float) -> str:
+    if s != s or s == float("inf"):
+        return "?"
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
+class Progress:
+    def __init__(self, total: int, done: int, label: str = "runs", stream=None, interval: float = 10.0,
+                 enabled: bool = True, clock=time.monotonic):
+        self.total, self.start_done, self.done = total, done, done
+        self.failed = 0
+        self.in_flight = 0
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.interval = interval
+        self.clock = clock
+        self.t0 = clock()
+        self.last_line = -float("inf")
+        self.enabled = enabled
+        self._bar = None
+        if enabled and getattr(self.stream, "isatty", lambda: False)():
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress as Bar, TextColumn
+
+            self._bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(),
+                            TextColumn("{task.completed}/{task.total} {task.fields[label]}"),
+                            TextColumn("{task.fields[rate]}"), TextColumn("ETA {task.fields[eta]}"),
+                            TextColumn("{task.fields[extra]}"), console=Console(file=self.stream),
+                            transient=False)
+            self._task = self._bar.add_task(label, total=total, completed=done, label=label, rate="",
+                                            eta="?", extra="")
+            self._bar.start()
+
+    def rate(self) -> float:
+        elapsed = self.clock() - self.t0
+        return (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
+
+    def eta(self) -> float:
+        r = self.rate()
+        return (self.total - self.done) / r if r > 0 else float("inf")
+
+    def line(self) -> str:
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        extra = f", {self.failed} failed" if self.failed else ""
+        return (f"{self.label} {self.done}/{self.total} ({pct:.1f}%), {self.rate():.2f} {self.label}/s, "
+                f"{self.in_flight} in flight{extra}, ETA {format_seconds(self.eta())}")
+
+    def update(self, done: int, failed: int = 0, in_flight: int = 0, force: bool = False) -> None:
+        self.done, self.failed, self.in_flight = done, failed, in_flight
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, rate=f"{self.rate():.2f}/s",
+                             eta=format_seconds(self.eta()), extra=f"{failed} failed" if failed else "")
+            return
+        now = self.clock()
+        if force or now - self.last_line >= self.interval:
+            self.last_line = now
+            print(self.line(), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        elif self.enabled:
+            print(self.line(), file=self.stream, flush=True)

@@ -1,0 +1,340 @@
+"""The campaign spec: one TOML file, validated, resolved (defaults filled in) and frozen.
+
+Every section is a dataclass whose fields carry their documentation and their valid range, so that
+the error for a bad value, the list of valid keys and docs/spec.md all come from one place.
+[dataset] and [model] name a built-in (with its own option dataclass) or a plug-in given as
+"package.module:function", whose options are passed through unvalidated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import sys
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from workers.options import option
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class SpecError(ValueError):
+    """A campaign spec that cannot be used; the message says where, what was expected and what was found."""
+
+
+REQUIRED = object()  # marker default: the key must be given
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _nonnegative(v) -> bool:
+    return v >= 0
+
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class CampaignSection:
+    name: str = option(REQUIRED, "campaign name: letters, digits, '.', '_', '-' (used in paths and Ray names)",
+                       lambda v: bool(NAME_RE.match(v)), "1-64 characters from [A-Za-z0-9._-]")
+    seed: int = option(0, "campaign seed: run r's subset and training seed derive from (seed, r)", _nonnegative,
+                       "an integer >= 0")
+    runs: int = option(REQUIRED, "number of runs t (models trained), each on a random subset",
+                       lambda v: v >= 2, "an integer >= 2", affects_results=False)
+    subset_ratio: float = option(0.7, "subset size m = round(subset_ratio * n_train) (the paper uses 0.7)",
+                                 lambda v: 0 < v < 1, "a number strictly between 0 and 1")
+    design: str = option("fixed", "how subsets are drawn: 'fixed' = uniform subsets of size m without replacement",
+                         lambda v: v in DESIGNS, "one of: " + ", ".join(["fixed"]))
+
+
+DESIGNS = ("fixed",)
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    epochs: int = option(30, "passes over the run's subset", _positive, "an integer > 0")
+    batch_size: int = option(128, "examples per optimizer step", _positive, "an integer > 0")
+    optimizer: str = option("sgd", "'sgd' (with momentum) or 'adam'", lambda v: v in ("sgd", "adam"),
+                            "'sgd' or 'adam'")
+    lr: float = option(0.1, "learning rate", _positive, "a number > 0")
+    momentum: float = option(0.9, "SGD momentum", lambda v: 0 <= v < 1, "a number in [0, 1)")
+    nesterov: bool = option(True, "Nesterov momentum (SGD)")
+    weight_decay: float = option(5e-4, "L2 weight decay", _nonnegative, "a number >= 0")
+    schedule: str = option("constant", "learning-rate schedule: 'constant', 'cosine' or 'linear' (decay to 0)",
+                           lambda v: v in ("constant", "cosine", "linear"), "'constant', 'cosine' or 'linear'")
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing", lambda v: 0 <= v < 1, "a number in [0, 1)")
+    eval_batch_size: int = option(4096, "examples per forward pass when every example is evaluated", _positive,
+                                  "an integer > 0", affects_results=False)
+    trainer: str = option("", "optional plug-in 'package.module:function' replacing the torch recipe: "
+                          "fn(dataset, train_indices, seed) -> (train_pred, test_pred)",
+                          lambda v: v == "" or ":" in v, "'' or 'package.module:function'")
+
+
+@dataclass(frozen=True)
+class ResourcesSection:
+    workers: int = option(0, "long-lived worker actors; 0 = as many as the cluster's resources fit",
+                          _nonnegative, "an integer >= 0", affects_results=False)
+    cpus_per_worker: float = option(1.0, "CPUs per worker (also its torch intra-op threads)", _positive,
+                                    "a number > 0", affects_results=False)
+    gpus_per_worker: float = option(0.0, "GPUs per worker; fractions pack several workers on one GPU",
+                                    _nonnegative, "a number >= 0", affects_results=False)
+    max_in_flight: int = option(0, "runs dispatched and not yet finished; 0 = 2 per worker", _nonnegative,
+                                "an integer >= 0", affects_results=False)
+    max_retries: int = option(3, "times a run is retried after its worker process or node died",
+                              _nonnegative, "an integer >= 0", affects_results=False)
+    local_cpus: int = option(0, "CPUs of the embedded local Ray (ignored with --address); 0 = all of this machine",
+                             _nonnegative, "an integer >= 0", affects_results=False)
+
+
+INFLUENCE_MODES = ("dense", "none")
+
+
+@dataclass(frozen=True)
+class EstimatesSection:
+    influence: str = option("dense", "influence output: 'dense' (n_train x n_test matrix) or 'none'",
+                            lambda v: v in INFLUENCE_MODES, "one of: " + ", ".join(INFLUENCE_MODES),
+                            affects_results=False)
+    mem_threshold: float = option(0.25, "high-influence pairs: minimum memorization of the training example",
+                                  affects_results=False)
+    infl_threshold: float = option(0.15, "high-influence pairs: minimum influence", affects_results=False)
+    same_class: bool = option(True, "high-influence pairs: only pairs whose labels agree", affects_results=False)
+    block_runs: int = option(256, "runs folded per GEMM block", _positive, "an integer > 0",
+                             affects_results=False)
+    checkpoint_seconds: float = option(30.0, "seconds between checkpoints of the fold and estimates/",
+                                       _positive, "a number > 0", affects_results=False)
+
+
+SECTIONS: dict[str, type] = {
+    "campaign": CampaignSection,
+    "dataset": None,  # type: ignore[dict-item]  # plug-in sections, see PluginSection
+    "model": None,  # type: ignore[dict-item]
+    "train": TrainSection,
+    "resources": ResourcesSection,
+    "estimates": EstimatesSection,
+}
+
+
+@dataclass(frozen=True)
+class PluginSection:
+    """[dataset] or [model]: a built-in chosen by name, or 'package.module:function'."""
+
+    name: str
+    options: dict
+
+    @property
+    def is_plugin(self) -> bool:
+        return ":" in self.name
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, **self.options}
+
+
+@dataclass(frozen=True)
+class Spec:
+    campaign: CampaignSection
+    dataset: PluginSection
+    model: PluginSection
+    train: TrainSection
+    resources: ResourcesSection
+    estimates: EstimatesSection
+
+    def to_dict(self) -> dict:
+        return {
+            "campaign": dataclasses.asdict(self.campaign),
+            "dataset": self.dataset.as_dict(),
+            "model": self.model.as_dict(),
+            "train": dataclasses.asdict(self.train),
+            "resources": dataclasses.asdict(self.resources),
+            "estimates": dataclasses.asdict(self.estimates),
+        }
+
+    def result_keys(self) -> dict[str, Any]:
+        """The flattened keys that change what a run produces (dataset, model and plug-in options included)."""
+        flat = {}
+        for section, values in self.to_dict().items():
+            cls = SECTIONS[section]
+            for key, value in values.items():
+                if cls is not None and not _field(cls, key).metadata["affects_results"]:
+                    continue
+                flat[f"{section}.{key}"] = value
+        return flat
+
+    def result_hash(self) -> str:
+        """A short hash of everything that changes a run's output; stamped into every shard."""
+        blob = json.dumps(self.result_keys(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def replace(self, **sections) -> "Spec":
+        return dataclasses.replace(self, **sections)
+
+
+def _field(cls, key: str) -> dataclasses.Field:
+    return {f.name: f for f in dataclasses.fields(cls)}[key]
+
+
+def describe_keys(cls) -> str:
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = "(required)" if f.default is REQUIRED else f"= {_toml_value(_default(f))}"
+        lines.append(f"  {f.name} {default}  # {f.metadata.get('doc', '')}")
+    return "\n".join(lines)
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+def _type_ok(value, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is str:
+        return isinstance(value, str)
+    raise TypeError(f"unsupported spec type {tp}")
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
+
+
+def parse_section(cls, raw: dict, where: str):
+    """Build section dataclass `cls` from the TOML table `raw`; `where` names it in errors ("[train] in x.toml")."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: expected a table, found {type(raw).__name__} {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise SpecError(f"{where}: unknown key(s) {', '.join(unknown)}. Valid keys:\n{describe_keys(cls)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            if f.default is REQUIRED:
+                raise SpecError(f"{where}: missing required key '{name}' ({f.metadata['doc']}); "
+                                f"expected {f.metadata['expect'] or _type_name(hints[name])}")
+            continue
+        value = raw[name]
+        tp = hints[name]
+        if not _type_ok(value, tp):
+            raise SpecError(f"{where}: key '{name}' must be {_type_name(tp)}, found {value!r} "
+                            f"({type(value).__name__})")
+        if tp is float:
+            value = float(value)
+        check = f.metadata.get("check")
+        if check is not None and not check(value):
+            raise SpecError(f"{where}: key '{name}' must be {f.metadata['expect']}, found {value!r}")
+        values[name] = value
+    return cls(**values)
+
+
+def _parse_plugin(raw, where: str, registry: dict[str, type]) -> PluginSection:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: expected a table, found {raw!r}")
+    if "name" not in raw:
+        raise SpecError(f"{where}: missing required key 'name'; expected one of "
+                        f"{', '.join(sorted(registry))} or 'package.module:function'")
+    name = raw["name"]
+    if not isinstance(name, str):
+        raise SpecError(f"{where}: key 'name' must be a string, found {name!r}")
+    rest = {k: v for k, v in raw.items() if k != "name"}
+    if ":" in name:
+        module, _, func = name.partition(":")
+        if not module or not func or not all(p.isidentifier() for p in module.split(".")) or not func.isidentifier():
+            raise SpecError(f"{where}: name {name!r} is not an import path; expected 'package.module:function'")
+        return PluginSection(name=name, options=rest)
+    if name not in registry:
+        raise SpecError(f"{where}: unknown name {name!r}; expected one of {', '.join(sorted(registry))} "
+                        f"or a plug-in 'package.module:function'")
+    opts = parse_section(registry[name], rest, f"{where} (name = {name!r})")
+    return PluginSection(name=name, options=dataclasses.asdict(opts))
+
+
+def from_dict(raw: dict, source: str = "<spec>") -> Spec:
+    """Validate and resolve a spec given as nested dicts (as tomllib returns them)."""
+    from workers.datasets import DATASET_OPTIONS
+    from workers.models import MODEL_OPTIONS
+
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise SpecError(f"{source}: unknown section(s) {', '.join('[' + u + ']' for u in unknown)}; "
+                        f"valid sections: {', '.join('[' + s + ']' for s in SECTIONS)}")
+    for required in ("campaign", "dataset", "model"):
+        if required not in raw:
+            raise SpecError(f"{source}: missing section [{required}]")
+    return Spec(
+        campaign=parse_section(CampaignSection, raw["campaign"], f"[campaign] in {source}"),
+        dataset=_parse_plugin(raw["dataset"], f"[dataset] in {source}", DATASET_OPTIONS),
+        model=_parse_plugin(raw["model"], f"[model] in {source}", MODEL_OPTIONS),
+        train=parse_section(TrainSection, raw.get("train", {}), f"[train] in {source}"),
+        resources=parse_section(ResourcesSection, raw.get("resources", {}), f"[resources] in {source}"),
+        estimates=parse_section(EstimatesSection, raw.get("estimates", {}), f"[estimates] in {source}"),
+    )
+
+
+def loads(text: str, source: str = "<spec>") -> Spec:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{source}: not valid TOML: {e}") from None
+    return from_dict(raw, source)
+
+
+def load(path: str | Path) -> Spec:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"cannot read spec {path}: {e.strerror}") from None
+    return loads(text, str(path))
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dumps(spec: Spec) -> str:
+    """The resolved spec as TOML; `loads(dumps(s)) == s`."""
+    out = []
+    for section, values in spec.to_dict().items():
+        out.append(f"[{section}]")
+        out.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+        out.append("")
+    return "\n".join(out)
+
+
+def differences(old: Spec, new: Spec) -> list[tuple[str, Any, Any]]:
+    """Result-changing keys whose values differ: (key, old value, new value)."""
+    a, b = old.result_keys(), new.result_keys()
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

@@ -1,0 +1,20 @@
+"""Declared options: a dataclass field with its default, documentation and valid range.
+
+Spec sections (orchestrator.spec) and the options of built-in datasets and models are declared with
+`option`, so that validation, the list of valid keys in errors, and docs/spec.md share one source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import field
+from typing import Any, Callable
+
+
+def option(default, doc: str, check: Callable[[Any], bool] | None = None, expect: str = "",
+           affects_results: bool = True):
+    """A field: `check(value)` must hold, `expect` says in words what it accepts; `affects_results`
+    marks keys whose change would change what a run produces (a resume with another value is refused)."""
+    meta = {"doc": doc, "check": check, "expect": expect, "affects_results": affects_results}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)

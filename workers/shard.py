@@ -1,0 +1,150 @@
+"""The run shard: one Parquet file per finished run, self-describing, verified before it is trusted.
+
+One row per evaluated example, train rows then test rows:
+
+    split      dictionary<int8, string>  "train" | "test"
+    example    int32    index in the dataset's original order (within its split)
+    in_subset  bool     train rows: did this run train on it; null on test rows
+    correct    bool     pred == label
+    pred       int16    predicted label (int32 beyond 32,767 classes)
+    margin     float16  correct-class logit minus the best other logit; null when the learner has none
+
+Run-level facts are Parquet key-value metadata under the key "longtail" (JSON). Readers map rows to
+examples through `split` and `example`, never through row order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .storage import atomic_path
+
+FORMAT_VERSION = 1
+META_KEY = b"longtail"
+FLOAT16_MAX = 65504.0
+
+SPLIT_TYPE = pa.dictionary(pa.int8(), pa.string())
+
+
+class ShardError(ValueError):
+    """A shard that cannot be trusted: unreadable, truncated, foreign or malformed. Says which and why."""
+
+
+def _pred_type(num_classes: int) -> pa.DataType:
+    return pa.int16() if num_classes <= np.iinfo(np.int16).max else pa.int32()
+
+
+def build_table(mask: np.ndarray, train_pred: np.ndarray, test_pred: np.ndarray, train_labels: np.ndarray,
+                test_labels: np.ndarray, num_classes: int, train_margin: np.ndarray | None,
+                test_margin: np.ndarray | None, meta: dict) -> pa.Table:
+    n_train, n_test = len(train_pred), len(test_pred)
+    split = pa.DictionaryArray.from_arrays(
+        pa.array(np.r_[np.zeros(n_train, np.int8), np.ones(n_test, np.int8)]), pa.array(["train", "test"]))
+    example = np.r_[np.arange(n_train, dtype=np.int32), np.arange(n_test, dtype=np.int32)]
+    in_subset = pa.array(np.r_[mask.astype(bool), np.zeros(n_test, bool)],
+                         mask=np.r_[np.zeros(n_train, bool), np.ones(n_test, bool)])
+    correct = np.r_[train_pred == train_labels, test_pred == test_labels]
+    pred_np = np.r_[train_pred, test_pred].astype(np.int16 if _pred_type(num_classes) == pa.int16() else np.int32)
+    if train_margin is None or test_margin is None:
+        margin = pa.nulls(n_train + n_test, pa.float16())
+    else:
+        m = np.clip(np.r_[train_margin, test_margin], -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
+        margin = pa.array(m, pa.float16())
+    schema = pa.schema([("split", SPLIT_TYPE), ("example", pa.int32()), ("in_subset", pa.bool_()),
+                        ("correct", pa.bool_()), ("pred", _pred_type(num_classes)), ("margin", pa.float16())],
+                       metadata={META_KEY: json.dumps({"format": FORMAT_VERSION, **meta}).encode()})
+    return pa.Table.from_arrays([split, pa.array(example), in_subset, pa.array(correct), pa.array(pred_np), margin],
+                                schema=schema)
+
+
+def write_shard(path, table: pa.Table) -> None:
+    """Write atomically: temporary name, fsync, rename. Page checksums let readers detect corruption."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", use_dictionary=["split", "pred"],
+                       column_encoding={"example": "DELTA_BINARY_PACKED", "margin": "BYTE_STREAM_SPLIT"},
+                       write_page_checksum=True, write_statistics=False)
+
+
+@dataclass
+class ShardData:
+    """A verified shard, as arrays indexed by example id."""
+
+    meta: dict
+    mask: np.ndarray  # (n_train,) bool
+    train_correct: np.ndarray  # (n_train,) bool
+    test_correct: np.ndarray  # (n_test,) bool
+    train_pred: np.ndarray
+    test_pred: np.ndarray
+    train_margin: np.ndarray | None  # float32, None when the learner gave none
+    test_margin: np.ndarray | None
+
+
+def read_meta(path) -> dict:
+    try:
+        md = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException) as e:
+        raise ShardError(f"{path}: unreadable Parquet footer ({e}); the file is truncated or corrupt") from None
+    if META_KEY not in md:
+        raise ShardError(f"{path}: no longtail metadata; not a longtail shard")
+    try:
+        return json.loads(md[META_KEY])
+    except ValueError:
+        raise ShardError(f"{path}: longtail metadata is not valid JSON") from None
+
+
+def read_shard(path, *, campaign: str, spec_hash: str, run: int, n_train: int, n_test: int,
+               mask: np.ndarray | None = None) -> ShardData:
+    """Read and verify one shard against what the campaign expects of run `run`; raise ShardError otherwise."""
+    meta = read_meta(path)
+    expect = {"format": FORMAT_VERSION, "campaign": campaign, "spec_hash": spec_hash, "run": run,
+              "n_train": n_train, "n_test": n_test}
+    for key, value in expect.items():
+        if meta.get(key) != value:
+            raise ShardError(f"{path}: metadata {key} is {meta.get(key)!r}, expected {value!r}"
+                             + (" (a shard of another campaign or spec)" if key in ("campaign", "spec_hash") else ""))
+    try:
+        table = pq.read_table(path, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as e:
+        raise ShardError(f"{path}: unreadable ({e}); the file is corrupt") from None
+    need = {"split", "example", "in_subset", "correct", "pred", "margin"}
+    if not need <= set(table.column_names):
+        raise ShardError(f"{path}: columns {sorted(table.column_names)}, expected {sorted(need)}")
+    if table.num_rows != n_train + n_test:
+        raise ShardError(f"{path}: {table.num_rows} rows, expected {n_train} train + {n_test} test = "
+                         f"{n_train + n_test}")
+    split = np.asarray(table.column("split").combine_chunks().cast(pa.string()).to_numpy(zero_copy_only=False))
+    example = table.column("example").to_numpy()
+    is_train = split == "train"
+    if not ((split == "train") | (split == "test")).all():
+        raise ShardError(f"{path}: column split holds values other than 'train' and 'test'")
+    out = {}
+    for name, sel, n in (("train", is_train, n_train), ("test", ~is_train, n_test)):
+        ex = example[sel]
+        if len(ex) != n or not np.array_equal(np.sort(ex), np.arange(n)):
+            raise ShardError(f"{path}: {name} rows do not cover examples 0..{n - 1} exactly once")
+        order = np.argsort(ex, kind="stable")
+        out[name] = np.flatnonzero(sel)[order]
+    tr, te = out["train"], out["test"]
+    correct = table.column("correct")
+    in_subset = table.column("in_subset")
+    if correct.null_count or in_subset.take(pa.array(tr)).null_count:
+        raise ShardError(f"{path}: missing values in columns correct or in_subset")
+    correct = correct.to_numpy(zero_copy_only=False).astype(bool)
+    subset = in_subset.fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+    pred = table.column("pred").to_numpy(zero_copy_only=False)
+    margin_col = table.column("margin")
+    margin = None if margin_col.null_count == table.num_rows else margin_col.to_numpy(
+        zero_copy_only=False).astype(np.float32)
+    shard_mask = subset[tr]
+    if mask is not None and not np.array_equal(shard_mask, np.asarray(mask, bool)):
+        raise ShardError(f"{path}: in_subset differs from the plan's subset of run {run} in "
+                         f"{int((shard_mask != mask).sum())} examples")
+    return ShardData(meta=meta, mask=shard_mask, train_correct=correct[tr], test_correct=correct[te],
+                     train_pred=pred[tr], test_pred=pred[te],
+                     train_margin=None if margin is None else margin[tr],
+                     test_margin=None if margin is None else margin[te])

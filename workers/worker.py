@@ -1,0 +1,125 @@
+"""The long-lived worker: one per process, for the whole campaign.
+
+Starting Python and importing torch costs seconds and a small run costs less, so a worker loads the
+dataset onto its device once and then trains run after run. It is a plain class; the driver makes it
+a Ray actor. `run` trains one run and writes its shard atomically; it returns only a small summary.
+"""
+
+from __future__ import annotations
+
+import platform
+import socket
+import time
+import traceback
+
+import numpy as np
+
+from . import shard as shard_format
+from .datasets import Dataset, resolve
+from .models import model_factory
+from .storage import StorageError
+from .training import DeviceData, RunOutput, run_plugin_trainer, train_run
+
+
+def library_versions() -> dict:
+    import pyarrow
+    import torch
+
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        longtail = version("longtail")
+    except PackageNotFoundError:  # pragma: no cover
+        longtail = "unknown"
+    return {"longtail": longtail, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "pyarrow": pyarrow.__version__}
+
+
+class RunWorker:
+    def __init__(self, spec: dict, campaign: str, spec_hash: str, fingerprint: str, threads: int = 1,
+                 use_gpu: bool = False):
+        """Load the dataset the spec names (each worker reads it where it runs: no copy of the data
+        travels through the driver) and check that it is the one the campaign was created with."""
+        import torch
+
+        from .datasets import DatasetError, dataset_fingerprint, load_dataset
+
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        dataset = load_dataset(spec["dataset"])
+        found = dataset_fingerprint(dataset)
+        if found != fingerprint:
+            raise DatasetError(f"worker on {socket.gethostname()}: dataset {spec['dataset']['name']!r} has "
+                               f"fingerprint {found}, the campaign expects {fingerprint}; every node must see "
+                               f"the same data")
+        self.dataset = dataset
+        self.campaign = campaign
+        self.spec_hash = spec_hash
+        self.train = dict(spec["train"])
+        trainer = self.train.get("trainer", "")
+        self.trainer = resolve(trainer, "trainer") if trainer else None
+        self.data = None if self.trainer else DeviceData.from_dataset(dataset, self.device)
+        self.build = None if self.trainer else model_factory(spec["model"])
+        self.host = socket.gethostname()
+        self.versions = library_versions()
+
+    def ping(self) -> str:
+        return self.host
+
+    def run(self, run: int, packed_mask: np.ndarray, seed: int, shard_path: str) -> dict:
+        """Train run `run` and write its shard; a run that fails on its own returns why, as data."""
+        try:
+            return self._run(run, packed_mask, seed, shard_path)
+        except Exception as e:  # recorded by the driver in failed/; worker deaths are Ray's to retry
+            return {"run": run, "failed": True, "reason": f"{type(e).__name__}: {e}".splitlines()[0][:500],
+                    "traceback": traceback.format_exc(), "host": self.host,
+                    # storage trouble (disk full, permissions) is not the run's fault: the driver stops
+                    "fatal": isinstance(e, StorageError)}
+
+    def _run(self, run: int, packed_mask: np.ndarray, seed: int, shard_path: str) -> dict:
+        start = time.perf_counter()
+        ds = self.dataset
+        mask = np.unpackbits(np.asarray(packed_mask, np.uint8), count=ds.n_train).astype(bool)
+        train_idx = np.flatnonzero(mask)
+        if self.trainer is not None:
+            out: RunOutput = run_plugin_trainer(self.trainer, ds, train_idx, seed, self.train["trainer"])
+        else:
+            out = train_run(self.build, self.data, train_idx, seed, self.train)
+        train_ok = out.train_pred == ds.y_train
+        summary = {
+            "run": run, "seed": seed, "host": self.host, "device": str(self.device),
+            "train_seconds": round(out.train_seconds, 4),
+            "test_acc": float((out.test_pred == ds.y_test).mean()),
+            "train_acc_in": float(train_ok[mask].mean()),
+            "train_acc_out": float(train_ok[~mask].mean()),
+            "final_loss": out.final_loss,
+            "finished_at": round(time.time(), 3),
+        }
+        meta = {"campaign": self.campaign, "spec_hash": self.spec_hash, "n_train": ds.n_train,
+                "n_test": ds.n_test, "versions": self.versions, **summary}
+        table = shard_format.build_table(mask, out.train_pred, out.test_pred, ds.y_train, ds.y_test,
+                                         ds.num_classes, out.train_margin, out.test_margin, meta)
+        shard_format.write_shard(shard_path, table)
+        summary["seconds"] = round(time.perf_counter() - start, 4)
+        return summary
+
+
+def preflight(spec: dict, dataset: Dataset) -> None:
+    """Fail before any compute if the model or trainer cannot be built or run on this dataset."""
+    trainer = spec["train"].get("trainer", "")
+    if trainer:
+        resolve(trainer, "trainer")
+        return
+    import torch
+
+    model = model_factory(spec["model"])(dataset.num_classes, dataset.input_shape)
+    x = torch.as_tensor(np.array(dataset.x_train[:2]))
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except Exception as e:
+        raise ValueError(f"model {spec['model']['name']!r} cannot take inputs of shape {tuple(x.shape)} from "
+                         f"dataset {spec['dataset']['name']!r}: {type(e).__name__}: {e}") from None
+    if tuple(out.shape) != (2, dataset.num_classes):
+        raise ValueError(f"model {spec['model']['name']!r} returned shape {tuple(out.shape)} for 2 inputs; "
+                         f"expected (2, {dataset.num_classes}) logits")
