@@ -66,3 +66,11 @@ def fails_on_odd_seeds(dataset: Dataset, train_indices: np.ndarray, seed: int):
     if seed % 2:
         raise RuntimeError(f"seed {seed} is odd")
     return nearest_neighbour(dataset, train_indices, seed)
+
+
+def slow_nearest_neighbour(dataset: Dataset, train_indices: np.ndarray, seed: int):
+    """nearest_neighbour taking a quarter of a second, like a (very) small real training run."""
+    import time
+
+    time.sleep(0.25)
+    return nearest_neighbour(dataset, train_indices, seed)

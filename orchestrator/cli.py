@@ -86,6 +86,12 @@ def validate(spec_file):
     click.echo(f"# error bound (paper, RMS per estimate) at {t} runs: {error_bound(t, spec.campaign.subset_ratio):.3f}")
 
 
+@main.command("spec-reference")
+def spec_reference():
+    """Print every spec key with its default, accepted values and meaning (Markdown)."""
+    click.echo(specs.reference_markdown())
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000:

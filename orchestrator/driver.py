@@ -92,16 +92,17 @@ def _ray_init(address: str | None, campaign: Campaign):
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
-        return ray, False
+        return ray, False, None
     if address:
-        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+        ctx = ray.init(address=address, log_to_driver=False, logging_level="WARNING")
     else:
         cpus = campaign.spec.resources.local_cpus or None
         # The embedded cluster binds the dashboard to loopback: it is protected by nothing but Ray's token.
-        ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=False, logging_level="WARNING",
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
-    return ray, True
+        ctx = ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                       log_to_driver=False, logging_level="WARNING",
+                       runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
+    url = getattr(ctx, "dashboard_url", None)
+    return ray, True, (f"http://{url}" if url and not url.startswith("http") else url)
 
 
 def _worker_count(ray, campaign: Campaign, todo: int) -> int:
@@ -160,13 +161,9 @@ def _dispatch(campaign: Campaign, agg: Aggregator, todo: list[int], done: set[in
               address: str | None, show_progress: bool, lock: DriverLock) -> None:
     from workers.worker import RunWorker
 
-    ray, owned = _ray_init(address, campaign)
+    ray, owned, report.dashboard_url = _ray_init(address, campaign)
     res = campaign.spec.resources
     try:
-        try:
-            report.dashboard_url = ray.get_runtime_context().dashboard_url or None  # type: ignore[attr-defined]
-        except AttributeError:
-            report.dashboard_url = None
         n_workers = _worker_count(ray, campaign, len(todo))
         actor_cls = ray.remote(RunWorker)
         spec_dict = campaign.spec.to_dict()

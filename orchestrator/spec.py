@@ -338,3 +338,24 @@ def differences(old: Spec, new: Spec) -> list[tuple[str, Any, Any]]:
     """Result-changing keys whose values differ: (key, old value, new value)."""
     a, b = old.result_keys(), new.result_keys()
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def reference_markdown() -> str:
+    """Every key of every section and built-in, as Markdown tables (docs/spec.md embeds this output)."""
+    from workers.datasets import DATASET_OPTIONS
+    from workers.models import MODEL_OPTIONS
+
+    def table(cls) -> str:
+        hints = typing.get_type_hints(cls)
+        rows = ["| key | default | accepts | meaning |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = "(required)" if f.default is REQUIRED else _toml_value(_default(f))
+            accepts = f.metadata.get("expect") or _type_name(hints[f.name])
+            note = "" if f.metadata.get("affects_results", True) else " *(may change on resume)*"
+            rows.append(f"| `{f.name}` | `{default}` | {accepts} | {f.metadata['doc']}{note} |")
+        return "\n".join(rows)
+
+    parts = [f"### [{name}]\n\n{table(cls)}\n" for name, cls in SECTIONS.items() if cls is not None]
+    parts += [f'### [dataset] name = "{name}"\n\n{table(cls)}\n' for name, cls in DATASET_OPTIONS.items()]
+    parts += [f'### [model] name = "{name}"\n\n{table(cls)}\n' for name, cls in MODEL_OPTIONS.items()]
+    return "\n".join(parts)

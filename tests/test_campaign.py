@@ -226,3 +226,38 @@ trainer = "plugins:fails_on_odd_seeds"
     summary = json.loads(c.paths.summary.read_text())
     assert summary["failed_runs"] == len(odd) and summary["runs"]["folded"] == 6 - len(odd)
     assert not os.path.exists(c.paths.shard(odd[0]))
+
+
+def test_estimates_exist_before_the_last_run_ends(ray_session, tmp_path):
+    import threading
+    import time
+
+    spec = specs.loads("""
+[campaign]
+name = "live"
+runs = 24
+[dataset]
+name = "plugins:gaussian_blobs"
+[model]
+name = "mlp"
+[train]
+trainer = "plugins:slow_nearest_neighbour"
+[estimates]
+checkpoint_seconds = 0.3
+""", "live.toml")
+    c = create_or_open(spec, tmp_path / "live")
+    thread = threading.Thread(target=run_campaign, args=(c,), kwargs={"progress": False})
+    thread.start()
+    seen = None
+    deadline = time.monotonic() + 60
+    while thread.is_alive() and time.monotonic() < deadline:
+        if c.paths.summary.exists():
+            s = json.loads(c.paths.summary.read_text())
+            if not s["complete"] and 0 < s["runs"]["folded"] < 24:
+                seen = s
+                break
+        time.sleep(0.05)
+    thread.join()
+    assert seen is not None, "no intermediate estimates were written while the campaign ran"
+    assert (tmp_path / "live" / "estimates" / "memorization.parquet").exists()
+    assert json.loads(c.paths.summary.read_text())["complete"]
