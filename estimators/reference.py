@@ -1,45 +1,64 @@
 """The plain estimator, as in the paper's own code: stack every run, compute the masked means.
 
-Slow and memory-hungry on purpose; it is the oracle the fast fold is tested against.
+Slow and memory-hungry on purpose, written from the definitions with no sufficient-statistics
+tricks; it is the oracle the fast fold and the tiled influence are tested against.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+Z95 = 1.959963984540054
 
-def _masked_mean(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Mean over runs (axis 0) of values where mask; NaN where the mask is empty."""
-    counts = mask.sum(axis=0).astype(np.float64)
-    sums = (values * mask).sum(axis=0)
+
+def _side(values: np.ndarray, mask: np.ndarray):
+    """Mean, sample variance (ddof=1) and count over runs (axis 0) where mask; NaN where undefined."""
+    n = mask.sum(axis=0).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        mean = np.where(n > 0, (values * mask).sum(axis=0) / np.maximum(n, 1), np.nan)
+        dev = np.where(mask, values - mean, 0.0)
+        var = np.where(n > 1, (dev**2).sum(axis=0) / np.maximum(n - 1, 1), np.nan)
+    return mean, var, n
 
 
-def reference_memorization(masks: np.ndarray, train_correct: np.ndarray) -> dict[str, np.ndarray]:
-    masks = np.asarray(masks, dtype=np.float64)
-    correct = np.asarray(train_correct, dtype=np.float64)
-    acc_in = _masked_mean(correct, masks)
-    acc_out = _masked_mean(correct, 1 - masks)
-    n_in = masks.sum(axis=0)
-    n_out = (1 - masks).sum(axis=0)
+def _difference(values_in_out, mask, binary):
+    """est, se, ci_low, ci_high, mean_in, mean_out for values (runs, k) split by mask (runs, k)."""
+    m_in, v_in, n_in = _side(values_in_out, mask)
+    m_out, v_out, n_out = _side(values_in_out, ~mask)
+    est = m_in - m_out
     with np.errstate(invalid="ignore", divide="ignore"):
-        se = np.sqrt(acc_in * (1 - acc_in) / n_in + acc_out * (1 - acc_out) / n_out)
-    return {"mem": acc_in - acc_out, "se": se, "n_in": n_in, "n_out": n_out,
-            "acc_in": acc_in, "acc_out": acc_out}
+        if binary:
+            se = np.sqrt(m_in * (1 - m_in) / n_in + m_out * (1 - m_out) / n_out)
+            p_in = ((values_in_out * mask).sum(axis=0) + 1) / (n_in + 2)
+            p_out = ((values_in_out * ~mask).sum(axis=0) + 1) / (n_out + 2)
+            half = Z95 * np.sqrt(p_in * (1 - p_in) / (n_in + 2) + p_out * (1 - p_out) / (n_out + 2))
+            low = np.clip(p_in - p_out - half, -1, 1)
+            high = np.clip(p_in - p_out + half, -1, 1)
+        else:
+            se = np.sqrt(v_in / n_in + v_out / n_out)
+            low, high = est - Z95 * se, est + Z95 * se
+    low = np.where(np.isnan(est), np.nan, low)
+    high = np.where(np.isnan(est), np.nan, high)
+    return {"est": est, "se": se, "ci_low": low, "ci_high": high, "mean_in": m_in, "mean_out": m_out,
+            "n_in": n_in, "n_out": n_out}
 
 
-def reference_influence(masks: np.ndarray, test_correct: np.ndarray) -> np.ndarray:
-    """infl[i, j], shape (n_train, n_test): two masked dot products, no subtraction trick."""
-    masks = np.asarray(masks, dtype=np.float64)
-    correct = np.asarray(test_correct, dtype=np.float64)
-    inv = 1 - masks
-    n_in = masks.sum(axis=0)[:, None]
-    n_out = inv.sum(axis=0)[:, None]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_in = np.where(n_in > 0, masks.T @ correct / np.maximum(n_in, 1), np.nan)
-        mean_out = np.where(n_out > 0, inv.T @ correct / np.maximum(n_out, 1), np.nan)
-    return mean_in - mean_out
+def reference_memorization(masks: np.ndarray, train_values: np.ndarray, binary: bool = True) -> dict:
+    masks = np.asarray(masks, dtype=bool)
+    d = _difference(np.asarray(train_values, dtype=np.float64), masks, binary)
+    return {"mem": d["est"], "se": d["se"], "ci_low": d["ci_low"], "ci_high": d["ci_high"], "n_in": d["n_in"],
+            "n_out": d["n_out"], "acc_in": d["mean_in"], "acc_out": d["mean_out"]}
+
+
+def reference_influence(masks: np.ndarray, test_values: np.ndarray, binary: bool = True, full: bool = False):
+    """infl[i, j], shape (n_train, n_test), by one masked mean per training example (no GEMM, no
+    subtraction trick). With full=True, a dict with se, ci_low and ci_high as well."""
+    masks = np.asarray(masks, dtype=bool)
+    values = np.asarray(test_values, dtype=np.float64)
+    parts = [_difference(values, np.repeat(masks[:, i:i + 1], values.shape[1], axis=1), binary)
+             for i in range(masks.shape[1])]
+    out = {k: np.array([p[k] for p in parts]) for k in ("est", "se", "ci_low", "ci_high")}
+    return out if full else out["est"]
 
 
 def reference_pairs(mem, infl, train_labels, test_labels, mem_threshold=0.25, infl_threshold=0.15,
@@ -53,3 +72,14 @@ def reference_pairs(mem, infl, train_labels, test_labels, mem_threshold=0.25, in
             if infl[i, j] >= infl_threshold and (not same_class or train_labels[i] == test_labels[j]):
                 pairs.add((i, j))
     return pairs
+
+
+def reference_top_k(infl: np.ndarray, k: int) -> list[list[int]]:
+    """For every test example, the train ids of its k largest (non-NaN) influences, ties by smaller id."""
+    out = []
+    for j in range(infl.shape[1]):
+        col = infl[:, j]
+        ids = [i for i in range(len(col)) if not np.isnan(col[i])]
+        ids.sort(key=lambda i: (-col[i], i))
+        out.append(ids[:k])
+    return out

@@ -1,44 +1,69 @@
-"""The fold of a campaign's shards into estimates, checkpointed so that a crash loses no folded run.
+"""The fold of a campaign's shards, checkpointed so that a crash loses no folded run.
 
-Shards are verified and buffered; `flush` folds the buffer with one GEMM; `save_checkpoint` writes the
-sufficient statistics together with the bitmap of folded runs in one atomic file (state/fold.npz),
-so the statistics and the record of what they contain can never disagree. A run is added at most
-once: runs already folded or buffered are skipped, whatever order shards are offered in.
+Shards are verified and buffered; `flush` folds the buffer with one GEMM per target; the checkpoint
+(state/fold.npz) holds, in one atomically replaced file, the sufficient statistics of every subset
+ratio, those of the even and odd halves of the main ratio's runs (for the split-half check), the
+runs' test outcomes (bit-packed correctness, float16 soft values: what tiled influence is computed
+from), and the bitmap of folded runs, so the statistics and the record of what they contain can never
+disagree. A run is added at most once: runs already folded or buffered are skipped.
 """
 
 from __future__ import annotations
 
-import json
-import time
-
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from estimators import estimates as est
 from estimators import stats as st
-from workers.shard import ShardData, read_shard
-from workers.storage import atomic_path, atomic_write_text
+from workers.shard import ShardData, ShardError, read_shard
+from workers.storage import atomic_path
 
 from .campaign import Campaign
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 RUN_FIELDS = ("test_acc", "train_acc_in", "train_acc_out", "train_seconds")
-Z95 = 1.959963984540054
+
+
+def influence_mode(campaign: Campaign) -> str:
+    """The influence output mode, with 'auto' resolved against [estimates] memory_gb."""
+    e = campaign.spec.estimates
+    if e.influence != "auto":
+        return e.influence
+    matrices = 3 * (1 + 2 * len(e.soft))  # sums, estimate and standard error; soft targets also square sums
+    need = matrices * 4.0 * campaign.n_train * campaign.n_test
+    return "dense" if need <= e.memory_gb * 1e9 else "topk"
 
 
 class Aggregator:
     def __init__(self, campaign: Campaign, from_scratch: bool = False):
         self.c = campaign
-        self.influence = campaign.spec.estimates.influence != "none"
-        runs = campaign.plan.runs
+        spec, plan = campaign.spec, campaign.plan
+        self.mode = influence_mode(campaign)
+        self.soft = tuple(spec.estimates.soft)
+        self.targets = (st.CORRECT,) + self.soft
+        self.primary = plan.ratios.index(spec.primary_ratio)
+        runs = plan.runs
+        n, nt = campaign.n_train, campaign.n_test
         self.folded = np.zeros(runs, bool)
         self.run_info = {k: np.full(runs, np.nan) for k in RUN_FIELDS}
-        self.stats = st.zeros(campaign.n_train, campaign.n_test, influence=self.influence)
+        self.groups = [st.zeros(n, nt, dense=self.mode == "dense" and k == self.primary, soft=self.soft)
+                       for k in range(len(plan.ratios))]
+        self.halves = [st.zeros(n, nt, dense=False, soft=self.soft) for _ in range(2)]
+        self.test_bits = np.zeros((runs, (nt + 7) // 8), np.uint8)
+        self.test_soft = {name: np.zeros((runs, nt), np.float16) for name in self.soft}
         self.notes: list[str] = []
         self._pending: list[tuple[int, ShardData]] = []
+        # position of each run among the runs of its ratio: its parity picks the split half
+        self.position = np.zeros(runs, np.int64)
+        for k in range(len(plan.ratios)):
+            group = plan.runs_of_ratio(k)
+            self.position[group] = np.arange(len(group))
         if not from_scratch and campaign.paths.checkpoint.exists():
             self._load_checkpoint()
+
+    @property
+    def stats(self) -> st.Stats:
+        """The statistics of the main ratio's runs: memorization and influence come from these."""
+        return self.groups[self.primary]
 
     # --- checkpoint -------------------------------------------------------------------------------
 
@@ -46,32 +71,52 @@ class Aggregator:
         path = self.c.paths.checkpoint
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-        if int(arrays.get("version", -1)) != CHECKPOINT_VERSION or str(arrays.get("spec_hash")) != \
-                self.c.spec.result_hash():
-            self.notes.append(f"ignored {path}: written by another version or spec; refolding every shard")
+        why = ""
+        if int(arrays.get("version", -1)) != CHECKPOINT_VERSION:
+            why = "it was written by another version of longtail"
+        elif str(arrays.get("spec_hash")) != self.c.spec.result_hash():
+            why = "it was written for another spec"
+        elif tuple(np.atleast_1d(arrays["soft"]).tolist()) != self.soft:
+            why = "[estimates] soft changed"
+        elif self.mode == "dense" and f"group{self.primary}.target.correct.infl_in" not in arrays:
+            why = "dense influence is asked for and the checkpoint has no dense sums"
+        if why:
+            self.notes.append(f"ignored {path}: {why}; refolding every shard")
             return
-        stats = st.Stats.from_arrays(arrays)
-        if self.influence and stats.infl_in is None:
-            self.notes.append(f"ignored {path}: it has no influence sums and [estimates] influence asks for them; "
-                              f"refolding every shard")
-            return
-        if not self.influence:
-            stats.infl_in = None
-        folded = arrays["folded"]
-        k = len(folded)  # the plan may have grown since
-        self.folded[:k] = folded
+
+        def stats(prefix):
+            sub = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            s = st.Stats.from_arrays(sub)
+            if not s.dense or self.mode == "dense":
+                return s
+            for t in s.targets.values():  # dense sums no longer wanted
+                t.infl_in = t.infl_sq_in = None
+            return s
+
+        k = len(arrays["folded"])  # the plan may have grown since
+        self.groups = [stats(f"group{g}.") for g in range(len(self.c.plan.ratios))]
+        self.halves = [stats(f"half{h}.") for h in range(2)]
+        self.folded[:k] = arrays["folded"]
+        self.test_bits[:k] = arrays["test_bits"]
+        for name in self.soft:
+            self.test_soft[name][:k] = arrays[f"test_soft.{name}"]
         for name in RUN_FIELDS:
             self.run_info[name][:k] = arrays[f"run_{name}"]
-        self.stats = stats
-        if stats.runs != int(self.folded.sum()):
-            raise RuntimeError(f"{path}: holds {stats.runs} runs but marks {int(self.folded.sum())} as folded; "
-                               f"delete it to refold from the shards")
+        if sum(g.runs for g in self.groups) != int(self.folded.sum()):
+            raise RuntimeError(f"{path}: holds {sum(g.runs for g in self.groups)} runs but marks "
+                               f"{int(self.folded.sum())} as folded; delete it to refold from the shards")
 
     def save_checkpoint(self) -> None:
         self.flush()
-        arrays = self.stats.arrays()
-        arrays.update(version=np.asarray(CHECKPOINT_VERSION), spec_hash=np.asarray(self.c.spec.result_hash()),
-                      folded=self.folded, **{f"run_{k}": v for k, v in self.run_info.items()})
+        arrays = {"version": np.asarray(CHECKPOINT_VERSION), "spec_hash": np.asarray(self.c.spec.result_hash()),
+                  "mode": np.asarray(self.mode), "soft": np.array(self.soft, dtype=str), "folded": self.folded,
+                  "test_bits": self.test_bits}
+        for g, s in enumerate(self.groups):
+            arrays.update({f"group{g}.{k}": v for k, v in s.arrays().items()})
+        for h, s in enumerate(self.halves):
+            arrays.update({f"half{h}.{k}": v for k, v in s.arrays().items()})
+        arrays.update({f"test_soft.{k}": v for k, v in self.test_soft.items()})
+        arrays.update({f"run_{k}": v for k, v in self.run_info.items()})
         with atomic_path(self.c.paths.checkpoint) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
@@ -87,8 +132,12 @@ class Aggregator:
     def read(self, run: int) -> ShardData:
         """Read and verify run `run`'s shard against this campaign (raises workers.shard.ShardError)."""
         c = self.c
-        return read_shard(c.paths.shard(run), campaign=c.name, spec_hash=c.spec.result_hash(), run=run,
+        data = read_shard(c.paths.shard(run), campaign=c.name, spec_hash=c.spec.result_hash(), run=run,
                           n_train=c.n_train, n_test=c.n_test, mask=c.plan.mask(run))
+        missing = sorted(set(self.soft) - set(data.train_values))
+        if missing:
+            raise ShardError(f"{c.paths.shard(run)}: has no {missing} values, which [estimates] soft needs")
+        return data
 
     def add(self, run: int, data: ShardData) -> bool:
         """Buffer a verified shard; False if the run is already folded or buffered."""
@@ -99,105 +148,62 @@ class Aggregator:
             self.flush()
         return True
 
+    def _fold(self, stats: st.Stats, items: list[tuple[int, ShardData]]) -> None:
+        if not items:
+            return
+        train = {st.CORRECT: np.stack([d.train_correct for _, d in items])}
+        test = {st.CORRECT: np.stack([d.test_correct for _, d in items])}
+        for name in self.soft:
+            train[name] = np.stack([d.train_values[name] for _, d in items])
+            test[name] = np.stack([d.test_values[name] for _, d in items])
+        st.fold(stats, np.stack([d.mask for _, d in items]), train, test)
+
     def flush(self) -> None:
         if not self._pending:
             return
-        runs = [r for r, _ in self._pending]
-        st.fold(self.stats,
-                np.stack([d.mask for _, d in self._pending]),
-                np.stack([d.train_correct for _, d in self._pending]),
-                np.stack([d.test_correct for _, d in self._pending]))
+        ratio_of = self.c.plan.ratio_of_run
+        for g, stats in enumerate(self.groups):
+            self._fold(stats, [(r, d) for r, d in self._pending if ratio_of[r] == g])
+        main = [(r, d) for r, d in self._pending if ratio_of[r] == self.primary]
+        for h, stats in enumerate(self.halves):
+            self._fold(stats, [(r, d) for r, d in main if self.position[r] % 2 == h])
         for r, d in self._pending:
+            self.test_bits[r] = np.packbits(d.test_correct)
+            for name in self.soft:
+                self.test_soft[name][r] = d.test_values[name]
             for k in RUN_FIELDS:
                 self.run_info[k][r] = d.meta.get(k, np.nan)
-        self.folded[runs] = True
+            self.folded[r] = True
         self._pending.clear()
 
-    # --- estimates --------------------------------------------------------------------------------
+    # --- what estimates are computed from ---------------------------------------------------------
 
-    def write_estimates(self, complete: bool, extra: dict | None = None) -> dict:
-        """Finalize the folded statistics into estimates/ and return the summary."""
+    def main_runs(self, half: int | None = None) -> np.ndarray:
+        """Folded runs of the main ratio (or of one half of them), in run order."""
+        runs = np.flatnonzero(self.folded & (self.c.plan.ratio_of_run == self.primary))
+        return runs if half is None else runs[self.position[runs] % 2 == half]
+
+    def outcomes(self, target: str, runs: np.ndarray):
+        """The test values of `target` over `runs`, for tiled influence."""
+        from estimators.influence import Outcomes
+
+        if target == st.CORRECT:
+            x = np.unpackbits(self.test_bits[runs], axis=1, count=self.c.n_test)
+            return Outcomes(x, binary=True)
+        return Outcomes(self.test_soft[target][runs], binary=False)
+
+    def mask_columns(self, runs: np.ndarray):
+        plan = self.c.plan
+        return lambda idx: plan.columns(runs, idx)
+
+    def share_at_target(self) -> float | None:
+        """Share of the main memorization estimates whose standard error reached [estimates] target_se.
+
+        The standard error used here is the Agresti-Caffo half-width / 1.96: unlike the plug-in one it
+        is not 0 after a few runs that all agree, so stopping cannot happen by accident."""
+        target = self.c.spec.estimates.target_se
+        if not target:
+            return None
         self.flush()
-        c, e = self.c, self.c.spec.estimates
-        paths = c.paths
-        paths.estimates_dir.mkdir(parents=True, exist_ok=True)
-        mem = est.memorization(self.stats)
-        y_tr, y_te = c.labels["train_labels"], c.labels["test_labels"]
-        cols = {"example": np.arange(c.n_train, dtype=np.int32), "label": y_tr.astype(np.int32)}
-        if "train_groups" in c.labels:
-            cols["group"] = c.labels["train_groups"].astype(np.int32)
-        cols.update(mem=mem.mem, se=mem.se, ci_low=np.clip(mem.mem - Z95 * mem.se, -1, 1),
-                    ci_high=np.clip(mem.mem + Z95 * mem.se, -1, 1), n_in=mem.n_in, n_out=mem.n_out,
-                    acc_in=mem.acc_in, acc_out=mem.acc_out)
-        _write_parquet(paths.memorization, pa.table(cols), self.stats.runs)
-
-        pairs = None
-        if self.influence:
-            infl = est.influence(self.stats)
-            with atomic_path(paths.influence) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, infl, allow_pickle=False)
-            pairs = est.high_influence_pairs(mem.mem, infl, y_tr, y_te, e.mem_threshold, e.infl_threshold,
-                                             e.same_class)
-            _write_parquet(paths.pairs, pa.table({
-                "train": pairs.train.astype(np.int32), "test": pairs.test.astype(np.int32),
-                "label": y_te[pairs.test].astype(np.int32), "infl": pairs.infl.astype(np.float32),
-                "mem": pairs.mem.astype(np.float32)}), self.stats.runs)
-        summary = self.summary(mem, pairs, complete)
-        summary.update(extra or {})
-        atomic_write_text(paths.summary, json.dumps(summary, indent=2, default=_json_default) + "\n")
-        return summary
-
-    def summary(self, mem: est.Memorization, pairs: est.Pairs | None, complete: bool) -> dict:
-        c, e = self.c, self.c.spec.estimates
-        t = self.stats.runs
-        acc = self.run_info["test_acc"][self.folded]
-        finite = np.isfinite(mem.mem)
-
-        def spread(a):
-            a = np.asarray(a)
-            return {"min": int(a.min()), "median": float(np.median(a)), "max": int(a.max())} if len(a) else None
-
-        out = {
-            "campaign": c.name,
-            "complete": complete,
-            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "runs": {"planned": c.plan.runs, "folded": t},
-            "design": c.plan.design,
-            "subset_ratio": c.spec.campaign.subset_ratio,
-            "subset_size": c.plan.subset_size,
-            "n_train": c.n_train,
-            "n_test": c.n_test,
-            "counts": {"n_in": spread(mem.n_in), "n_out": spread(mem.n_out)},
-            "error_bound_rms": est.error_bound(t, c.spec.campaign.subset_ratio) if t else None,
-            "test_accuracy": {"mean": float(acc.mean()), "std": float(acc.std())} if len(acc) else None,
-            "memorization": {
-                "defined": int(finite.sum()),
-                "mean": float(np.nanmean(mem.mem)) if finite.any() else None,
-                "mean_se": float(np.nanmean(mem.se)) if finite.any() else None,
-                f"share_at_least_{e.mem_threshold}": float((mem.mem[finite] >= e.mem_threshold).mean())
-                if finite.any() else None,
-                "held_out_accuracy_mean": float(np.nanmean(mem.acc_out)) if finite.any() else None,
-            },
-        }
-        if pairs is not None:
-            per_test = np.bincount(pairs.test, minlength=c.n_test)
-            out["high_influence_pairs"] = {
-                "mem_threshold": e.mem_threshold, "infl_threshold": e.infl_threshold, "same_class": e.same_class,
-                "pairs": int(len(pairs.train)),
-                "test_examples": int((per_test > 0).sum()),
-                "test_examples_with_one_influencer": int((per_test == 1).sum()),
-            }
-        return out
-
-
-def _write_parquet(path, table: pa.Table, runs: int) -> None:
-    table = table.replace_schema_metadata({b"longtail": json.dumps({"runs": runs}).encode()})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+        m = est.memorization(self.stats)
+        return est.share_at_target((m.ci_high - m.ci_low) / (2 * est.Z95), target)

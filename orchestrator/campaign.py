@@ -154,10 +154,9 @@ def create_or_open(spec: specs.Spec | None, root, load_data: bool = True) -> Cam
                                 f"in {paths.examples}); its estimates would mix two datasets")
         plan = planning.read_plan(paths)
         c = spec.campaign
-        if (plan.design, plan.campaign_seed, plan.subset_size) != (
-                c.design, c.seed, planning.subset_size(c.subset_ratio, plan.n_train)):
+        if (plan.design, plan.campaign_seed, plan.ratios) != (c.design, c.seed, c.ratios):
             raise CampaignError(f"the plan in {paths.plan_dir} does not match {paths.spec} (design, seed or subset "
-                                f"size differ); the campaign directory was modified by hand")
+                                f"ratios differ); the campaign directory was modified by hand")
         if spec.campaign.runs > plan.runs:
             plan = planning.extend_plan(plan, spec.campaign.runs)
             planning.write_plan(paths, plan)
@@ -174,8 +173,8 @@ def create_or_open(spec: specs.Spec | None, root, load_data: bool = True) -> Cam
                             f"a campaign into it. Choose another --out directory.")
     dataset = load_dataset(spec.dataset.as_dict())
     fingerprint = dataset_fingerprint(dataset)
-    plan = planning.make_plan(spec.campaign.design, spec.campaign.seed, dataset.n_train,
-                              spec.campaign.subset_ratio, spec.campaign.runs)
+    plan = planning.make_plan(spec.campaign.design, spec.campaign.seed, dataset.n_train, spec.campaign.ratios,
+                              spec.campaign.runs)
     paths.make_dirs()
     write_examples(paths.examples, dataset, fingerprint)
     planning.write_plan(paths, plan)

@@ -61,12 +61,13 @@ def validate(spec_file):
     from workers.datasets import load_dataset
     from workers.worker import preflight
 
-    from .plan import check_subset_size
+    from .plan import subset_size, validate_design
 
     spec = _load_spec(spec_file)
     try:
         data = load_dataset(spec.dataset.as_dict())
-        m = check_subset_size(spec.campaign.subset_ratio, data.n_train, f"[campaign] subset_ratio in {spec_file}")
+        validate_design(spec.campaign.design, spec.campaign.ratios, data.n_train, spec.campaign.runs,
+                        f"[campaign] in {spec_file}")
         preflight(spec.to_dict(), data)
     except _errors() + (ValueError,) as e:
         _fail(str(e))
@@ -74,16 +75,20 @@ def validate(spec_file):
     t = spec.campaign.runs
     rows = t * (data.n_train + data.n_test)
     shard_bytes = rows * 2.9  # measured 2.6-2.9 bytes per row (docs/performance.md)
-    infl = data.n_train * data.n_test * 4 if spec.estimates.influence == "dense" else 0
+    infl = data.n_train * data.n_test * 4 if spec.estimates.influence in ("dense", "auto") else 0
     click.echo(f"# dataset {spec.dataset.name!r}: {data.n_train} train, {data.n_test} test examples, "
                f"{data.num_classes} classes, inputs {data.input_shape}")
+    sizes = ", ".join(f"{subset_size(r, data.n_train)}" for r in spec.campaign.ratios)
     click.echo(f"# work: {t} runs x {data.n_train + data.n_test} examples = {rows:,} predictions; "
-               f"each run trains on {m} examples")
+               f"each run trains on {'about ' if spec.campaign.design != 'fixed' else ''}{sizes} examples "
+               f"({spec.campaign.design} design)")
     click.echo(f"# disk: about {_human(shard_bytes)} of shards, {_human(t * ((data.n_train + 7) // 8 + 8))} of plan"
                + (f", {_human(2 * infl)} for dense influence (estimate + checkpoint)" if infl else ""))
     from estimators.estimates import error_bound
 
-    click.echo(f"# error bound (paper, RMS per estimate) at {t} runs: {error_bound(t, spec.campaign.subset_ratio):.3f}")
+    main_runs = len(range(spec.campaign.ratios.index(spec.primary_ratio), t, len(spec.campaign.ratios)))
+    click.echo(f"# error bound (paper, RMS per estimate) at {main_runs} runs of ratio {spec.primary_ratio}: "
+               f"{error_bound(main_runs, spec.primary_ratio):.3f}")
 
 
 @main.command("spec-reference")
@@ -136,6 +141,32 @@ def _print_result(paths, summary: dict, top: int, report=None) -> None:
                f"{'influence.npy, high_influence_pairs.parquet, ' if paths.influence.exists() else ''}summary.json)")
     if top:
         show_top(paths, top)
+
+
+def _print_figures(summary: dict) -> None:
+    """The paper's figures from summary.json, when the campaign has them."""
+    mem = summary.get("memorization") or {}
+    if mem.get("share_at_least"):
+        shares = ", ".join(f">= {t}: {v:.1%}" for t, v in mem["share_at_least"].items() if v is not None)
+        click.echo(f"  memorization: mean {mem['mean']:.3f}; share of training examples {shares}")
+    pairs = summary.get("high_influence_pairs")
+    if pairs:
+        click.echo(f"  high-influence pairs (mem >= {pairs['mem_threshold']}, infl >= {pairs['infl_threshold']}): "
+                   f"{pairs['pairs']} pairs, {pairs['test_examples']} test examples, "
+                   f"{pairs['test_examples_with_one_influencer']} with a single influencer")
+    half = summary.get("split_half")
+    if half:
+        corr = half.get("memorization_correlation")
+        click.echo(f"  split halves ({half['runs'][0]} + {half['runs'][1]} runs): memorization correlation "
+                   f"{corr if corr is None else f'{corr:.3f}'}, memorized-set Jaccard (>= 0.25) "
+                   f"{half.get('memorized_jaccard_0.25', float('nan')):.2f}"
+                   + (f", pairs Jaccard {half['pairs_jaccard']:.2f}" if "pairs_jaccard" in half else ""))
+    bound = summary.get("error_bound_rms")
+    if bound is not None:
+        main_runs = next((g["runs"] for g in summary.get("ratios", []) if g["subset_ratio"] == summary["subset_ratio"]),
+                         summary["runs"]["folded"])
+        click.echo(f"  error bound (paper, RMS per estimate) at {main_runs} runs of ratio {summary['subset_ratio']}: "
+                   f"{bound:.3f}")
 
 
 def show_top(paths, k: int) -> None:
@@ -197,7 +228,7 @@ def status(campaign_dir, as_json):
     info = {"campaign": c.name, "directory": str(c.paths.root), "runs_planned": c.plan.runs,
             "runs_finished": len(finished), "runs_failed": len(failed),
             "runs_folded": summary.get("runs", {}).get("folded", 0), "complete": summary.get("complete", False),
-            "driver": holder}
+            "target_se": summary.get("target_se"), "stopped_early": summary.get("stopped_early"), "driver": holder}
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -206,8 +237,15 @@ def status(campaign_dir, as_json):
                f"{len(failed)} failed")
     click.echo("  driver: " + (f"pid {holder['pid']} on {holder['host']} since {holder['started']}" if holder
                                else "none running"))
+    target = summary.get("target_se")
+    if target and target.get("share") is not None:
+        click.echo(f"  adaptive stopping: {target['share']:.1%} of the memorization estimates have a standard error "
+                   f"<= {target['target']} (stops at {target['wanted_share']:.0%})")
+    if summary.get("stopped_early"):
+        click.echo(f"  stopped early: {summary['stopped_early']}")
     if failed:
         click.echo(f"  failures: {c.paths.failed_dir}/ (retried by `longtail resume {c.paths.root}`)")
+    _print_figures(summary)
     if len(finished) < c.plan.runs and not holder:
         click.echo(f"  continue with: longtail resume {c.paths.root}")
 
@@ -220,16 +258,42 @@ def estimate(campaign_dir, top):
     from .aggregate import Aggregator
     from .campaign import create_or_open
     from .driver import RunReport, fold_existing
+    from .outputs import write_estimates
 
     try:
         c = create_or_open(None, campaign_dir, load_data=False)
         agg = Aggregator(c, from_scratch=True)
         report = RunReport(planned=c.plan.runs, already_done=0)
         fold_existing(c, agg, report)
-        summary = agg.write_estimates(complete=bool(agg.folded.all()))
+        summary = write_estimates(agg, complete=bool(agg.folded.all()))
     except _errors() as e:
         _fail(str(e))
     _print_result(c.paths, summary, top)
+
+
+@main.command()
+@click.argument("campaign_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--format", "fmt", type=click.Choice(["fz", "parquet"]), required=True,
+              help="fz: the paper's released .npz layouts; parquet: tables keyed by example id")
+@click.option("--dest", type=click.Path(file_okay=False), default=None,
+              help="output directory (default: CAMPAIGN_DIR/export)")
+def export(campaign_dir, fmt, dest):
+    """Export the estimates of CAMPAIGN_DIR (from its fold checkpoint) for other tools."""
+    from .aggregate import Aggregator
+    from .campaign import create_or_open
+    from .outputs import export_fz, export_parquet
+
+    try:
+        c = create_or_open(None, campaign_dir, load_data=False)
+        agg = Aggregator(c)
+        if agg.stats.runs == 0:
+            _fail(f"{c.paths.root} has no folded runs yet; run or resume the campaign first")
+        files = (export_fz if fmt == "fz" else export_parquet)(agg, Path(dest) if dest else c.paths.root / "export")
+    except _errors() as e:
+        _fail(str(e))
+    click.echo(f"exported {agg.stats.runs} runs of {c.name!r}:")
+    for f in files:
+        click.echo(f"  {f}")
 
 
 @main.command()

@@ -22,6 +22,7 @@ from workers.shard import ShardError
 from workers.storage import atomic_write_text
 
 from .aggregate import Aggregator
+from .outputs import write_estimates
 from .campaign import Campaign, CampaignError
 from .lock import DriverLock
 from .progress import Progress
@@ -45,6 +46,8 @@ class RunReport:
     training_seconds: float = 0.0  # from the first dispatch to the last result
     summary: dict = field(default_factory=dict)
     dashboard_url: str | None = None
+    stopped_early: bool = False
+    stop_reason: str = ""
 
     @property
     def complete(self) -> bool:
@@ -138,12 +141,14 @@ def run_campaign(campaign: Campaign, address: str | None = None, progress: bool 
         done = fold_existing(campaign, agg, report)
         report.already_done = len(done)
         todo = [r for r in range(campaign.plan.runs) if r not in done]
+        if todo and _target_reached(campaign, agg, report):
+            todo = []
         try:
             if todo:
                 _dispatch(campaign, agg, todo, done, report, address, progress, lock)
         except KeyboardInterrupt:
             agg.save_checkpoint()
-            agg.write_estimates(complete=False)
+            write_estimates(agg, complete=False, final=False)
             raise CampaignInterrupted(
                 f"interrupted; {int(agg.folded.sum())} of {campaign.plan.runs} runs are folded and saved. "
                 f"Continue with: longtail resume {campaign.paths.root}") from None
@@ -151,10 +156,26 @@ def run_campaign(campaign: Campaign, address: str | None = None, progress: bool 
         for r in agg.folded_runs() & campaign.failed_runs():
             campaign.paths.failure(r).unlink(missing_ok=True)  # a failure later redone successfully
         report.failed = sorted(campaign.failed_runs())
-        complete = bool(agg.folded.all())
+        complete = bool(agg.folded.all()) or report.stopped_early
         report.seconds = time.monotonic() - start
-        report.summary = agg.write_estimates(complete=complete, extra={"failed_runs": len(report.failed)})
+        extra = {"failed_runs": len(report.failed)}
+        if report.stopped_early:
+            extra["stopped_early"] = report.stop_reason
+        report.summary = write_estimates(agg, complete=complete, final=True, extra=extra)
     return report
+
+
+def _target_reached(campaign: Campaign, agg: Aggregator, report: RunReport) -> bool:
+    """Adaptive stopping: has the wanted share of estimates reached [estimates] target_se?"""
+    e = campaign.spec.estimates
+    share = agg.share_at_target()
+    if share is None or share < e.target_share:
+        return False
+    report.stopped_early = True
+    report.stop_reason = (f"{share:.1%} of the memorization estimates reached a standard error <= {e.target_se} "
+                          f"(wanted {e.target_share:.0%}) after {agg.stats.runs} runs of the main ratio")
+    _say(f"stopping early: {report.stop_reason}")
+    return True
 
 
 def _dispatch(campaign: Campaign, agg: Aggregator, todo: list[int], done: set[int], report: RunReport,
@@ -216,9 +237,11 @@ def _dispatch(campaign: Campaign, agg: Aggregator, todo: list[int], done: set[in
                 bar.update(len(done), failed_now, len(in_flight))
                 if time.monotonic() - last_checkpoint >= campaign.spec.estimates.checkpoint_seconds:
                     agg.save_checkpoint()
-                    agg.write_estimates(complete=False)
+                    write_estimates(agg, complete=False, final=False)
                     lock.heartbeat()
                     last_checkpoint = time.monotonic()
+                    if queue and _target_reached(campaign, agg, report):
+                        queue.clear()  # runs in flight finish and are folded; nothing new is dispatched
             report.training_seconds = time.monotonic() - first_dispatch
         finally:
             bar.close()

@@ -35,6 +35,10 @@ class CampaignPaths:
         return self.plan_dir / "seeds.npy"
 
     @property
+    def plan_ratios(self) -> Path:
+        return self.plan_dir / "ratios.npy"
+
+    @property
     def examples(self) -> Path:
         return self.plan_dir / "examples.parquet"
 

@@ -14,12 +14,15 @@ import json
 import math
 import re
 import sys
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from workers.options import option
+
+from .plan import DESIGNS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,6 +45,7 @@ def _nonnegative(v) -> bool:
     return v >= 0
 
 
+STORABLE = ("margin", "probability")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -53,13 +57,23 @@ class CampaignSection:
                        "an integer >= 0")
     runs: int = option(REQUIRED, "number of runs t (models trained), each on a random subset",
                        lambda v: v >= 2, "an integer >= 2", affects_results=False)
-    subset_ratio: float = option(0.7, "subset size m = round(subset_ratio * n_train) (the paper uses 0.7)",
-                                 lambda v: 0 < v < 1, "a number strictly between 0 and 1")
-    design: str = option("fixed", "how subsets are drawn: 'fixed' = uniform subsets of size m without replacement",
-                         lambda v: v in DESIGNS, "one of: " + ", ".join(["fixed"]))
+    subset_ratio: float | list[float] = option(
+        0.7, "share of the training set each run trains on (the paper uses 0.7); a list of ratios (e.g. "
+        "[0.1, 0.3, 0.5, 0.7, 0.9]) spreads the runs over them, for the C-score",
+        lambda v: all(0 < r < 1 for r in _ratios(v)) and len(set(_ratios(v))) == len(_ratios(v)) <= 100,
+        "a number strictly between 0 and 1, or a list of up to 100 distinct such numbers")
+    design: str = option("fixed", "how subsets are drawn: 'fixed' (exactly round(ratio * n) examples, the paper's), "
+                         "'bernoulli' (each example with probability ratio), 'balanced' (each example in exactly "
+                         "round(ratio * runs) runs), 'paired' (run 2k+1 trains on the complement of run 2k)",
+                         lambda v: v in DESIGNS, "one of: " + ", ".join(DESIGNS))
+
+    @property
+    def ratios(self) -> tuple[float, ...]:
+        return _ratios(self.subset_ratio)
 
 
-DESIGNS = ("fixed",)
+def _ratios(value) -> tuple[float, ...]:
+    return tuple(float(v) for v in value) if isinstance(value, list) else (float(value),)
 
 
 @dataclass(frozen=True)
@@ -75,6 +89,11 @@ class TrainSection:
     schedule: str = option("constant", "learning-rate schedule: 'constant', 'cosine' or 'linear' (decay to 0)",
                            lambda v: v in ("constant", "cosine", "linear"), "'constant', 'cosine' or 'linear'")
     label_smoothing: float = option(0.0, "cross-entropy label smoothing", lambda v: 0 <= v < 1, "a number in [0, 1)")
+    store: list[str] = option(["margin"], "per-example values written to every shard besides the prediction, "
+                              "when the learner produces them: 'margin' (correct-class logit minus the best "
+                              "other, float16) and/or 'probability' (softmax probability of the correct class)",
+                              lambda v: set(v) <= set(STORABLE) and len(set(v)) == len(v),
+                              "a list of distinct values from: " + ", ".join(STORABLE))
     eval_batch_size: int = option(4096, "examples per forward pass when every example is evaluated", _positive,
                                   "an integer > 0", affects_results=False)
     trainer: str = option("", "optional plug-in 'package.module:function' replacing the torch recipe: "
@@ -98,14 +117,34 @@ class ResourcesSection:
                              _nonnegative, "an integer >= 0", affects_results=False)
 
 
-INFLUENCE_MODES = ("dense", "none")
+INFLUENCE_MODES = ("auto", "dense", "per-class", "topk", "none")
 
 
 @dataclass(frozen=True)
 class EstimatesSection:
-    influence: str = option("dense", "influence output: 'dense' (n_train x n_test matrix) or 'none'",
-                            lambda v: v in INFLUENCE_MODES, "one of: " + ", ".join(INFLUENCE_MODES),
+    influence: str = option("auto", "influence output: 'dense' (n_train x n_test matrix), 'per-class' (same-class "
+                            "blocks, the paper's CIFAR-100 layout), 'topk' (top_k influencers of every test example "
+                            "and every pair above infl_threshold), 'none', or 'auto' (dense if it fits memory_gb, "
+                            "else topk)", lambda v: v in INFLUENCE_MODES, "one of: " + ", ".join(INFLUENCE_MODES),
                             affects_results=False)
+    memory_gb: float = option(2.0, "memory for influence: the dense matrices in 'auto', the tiles otherwise",
+                              _positive, "a number > 0", affects_results=False)
+    top_k: int = option(10, "influencers kept per test example in 'topk' mode", _positive, "an integer > 0",
+                        affects_results=False)
+    soft: list[str] = option([], "soft estimates computed beside the 0/1 ones, from values [train] store keeps: "
+                             "'margin' and/or 'probability'", lambda v: set(v) <= set(STORABLE) and
+                             len(set(v)) == len(v), "a list of distinct values from: " + ", ".join(STORABLE),
+                             affects_results=False)
+    ratio: float = option(0.0, "the subset ratio whose runs give memorization and influence; 0 = the first of "
+                          "[campaign] subset_ratio (the others feed the C-score)", lambda v: 0 <= v < 1,
+                          "0 or one of [campaign] subset_ratio", affects_results=False)
+    split_half: bool = option(True, "estimate again from even and from odd runs and report their agreement",
+                              affects_results=False)
+    target_se: float = option(0.0, "adaptive stopping: stop scheduling runs once target_share of the memorization "
+                              "estimates have a standard error <= target_se; 0 = run every planned run",
+                              _nonnegative, "a number >= 0", affects_results=False)
+    target_share: float = option(0.95, "adaptive stopping: share of estimates that must reach target_se",
+                                 lambda v: 0 < v <= 1, "a number in (0, 1]", affects_results=False)
     mem_threshold: float = option(0.25, "high-influence pairs: minimum memorization of the training example",
                                   affects_results=False)
     infl_threshold: float = option(0.15, "high-influence pairs: minimum influence", affects_results=False)
@@ -171,6 +210,11 @@ class Spec:
                 flat[f"{section}.{key}"] = value
         return flat
 
+    @property
+    def primary_ratio(self) -> float:
+        """The subset ratio whose runs give memorization and influence."""
+        return self.estimates.ratio or self.campaign.ratios[0]
+
     def result_hash(self) -> str:
         """A short hash of everything that changes a run's output; stamped into every shard."""
         blob = json.dumps(self.result_keys(), sort_keys=True, default=str).encode()
@@ -200,6 +244,8 @@ def _default(f: dataclasses.Field):
 
 def _type_ok(value, tp) -> bool:
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, t) for t in typing.get_args(tp))
     if origin is list:
         (item,) = typing.get_args(tp)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
@@ -216,9 +262,25 @@ def _type_ok(value, tp) -> bool:
 
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(tp))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
+
+
+def _floats(tp) -> bool:
+    """Whether the numbers a field of type `tp` holds (alone or in lists) are floats."""
+    return tp is float or any(_floats(t) for t in typing.get_args(tp))
+
+
+def _coerce(value, tp):
+    """Integers written where numbers are expected become floats (`lr = 1` means 1.0)."""
+    if not _floats(tp):
+        return value
+    if isinstance(value, list):
+        return [float(v) for v in value]
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def parse_section(cls, raw: dict, where: str):
@@ -242,8 +304,7 @@ def parse_section(cls, raw: dict, where: str):
         if not _type_ok(value, tp):
             raise SpecError(f"{where}: key '{name}' must be {_type_name(tp)}, found {value!r} "
                             f"({type(value).__name__})")
-        if tp is float:
-            value = float(value)
+        value = _coerce(value, tp)
         check = f.metadata.get("check")
         if check is not None and not check(value):
             raise SpecError(f"{where}: key '{name}' must be {f.metadata['expect']}, found {value!r}")
@@ -273,6 +334,18 @@ def _parse_plugin(raw, where: str, registry: dict[str, type]) -> PluginSection:
     return PluginSection(name=name, options=dataclasses.asdict(opts))
 
 
+def _cross_check(spec: Spec, source: str) -> Spec:
+    e, c = spec.estimates, spec.campaign
+    missing = sorted(set(e.soft) - set(spec.train.store))
+    if missing:
+        raise SpecError(f"[estimates] in {source}: soft = {e.soft} needs {missing} in [train] store "
+                        f"(now {spec.train.store}); the shards must keep the values the soft estimates use")
+    if e.ratio and e.ratio not in c.ratios:
+        raise SpecError(f"[estimates] in {source}: ratio = {e.ratio} is not one of [campaign] subset_ratio "
+                        f"{list(c.ratios)}; expected 0 (the first) or one of them")
+    return spec
+
+
 def from_dict(raw: dict, source: str = "<spec>") -> Spec:
     """Validate and resolve a spec given as nested dicts (as tomllib returns them)."""
     from workers.datasets import DATASET_OPTIONS
@@ -285,14 +358,14 @@ def from_dict(raw: dict, source: str = "<spec>") -> Spec:
     for required in ("campaign", "dataset", "model"):
         if required not in raw:
             raise SpecError(f"{source}: missing section [{required}]")
-    return Spec(
+    return _cross_check(Spec(
         campaign=parse_section(CampaignSection, raw["campaign"], f"[campaign] in {source}"),
         dataset=_parse_plugin(raw["dataset"], f"[dataset] in {source}", DATASET_OPTIONS),
         model=_parse_plugin(raw["model"], f"[model] in {source}", MODEL_OPTIONS),
         train=parse_section(TrainSection, raw.get("train", {}), f"[train] in {source}"),
         resources=parse_section(ResourcesSection, raw.get("resources", {}), f"[resources] in {source}"),
         estimates=parse_section(EstimatesSection, raw.get("estimates", {}), f"[estimates] in {source}"),
-    )
+    ), source)
 
 
 def loads(text: str, source: str = "<spec>") -> Spec:

@@ -108,7 +108,7 @@ def test_unfolded_shards_are_folded_once_on_resume(ray_session, tmp_path):
     assert report.trained == 0
     assert_estimates_match_shards(tmp_path / "c")
     with np.load(tmp_path / "c" / "state" / "fold.npz") as z:
-        assert int(z["runs"]) == 6 and z["folded"].all()
+        assert int(z["group0.runs"]) == 6 and z["folded"].all()
 
 
 def test_a_spec_that_changes_results_is_refused(ray_session, tmp_path):

@@ -42,7 +42,8 @@ def test_plan_round_trip_and_extension(tmp_path):
     planning.write_plan(paths, p)
     q = planning.read_plan(paths)
     np.testing.assert_array_equal(p.masks, q.masks)
-    assert (q.design, q.n_train, q.subset_size, q.runs) == ("fixed", 33, 20, 5)
+    assert (q.design, q.n_train, q.ratios, q.runs) == ("fixed", 33, (0.6,), 5)
+    assert (q.subset_sizes() == 20).all()
     bits = np.unpackbits(np.load(paths.plan_masks), axis=1, count=33).astype(bool)  # readable without longtail
     np.testing.assert_array_equal(bits, p.dense())
     grown = planning.extend_plan(q, 9)

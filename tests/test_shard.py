@@ -17,10 +17,10 @@ def make(seed=0, margins=True):
     mask = rng.random(N) < 0.7
     p_tr = np.where(rng.random(N) < 0.9, y_tr, rng.integers(0, C, N))
     p_te = np.where(rng.random(NT) < 0.8, y_te, rng.integers(0, C, NT))
-    m_tr = rng.normal(2, 3, N).astype(np.float32) if margins else None
-    m_te = rng.normal(1, 3, NT).astype(np.float32) if margins else None
+    values = {"margin": (rng.normal(2, 3, N).astype(np.float32), rng.normal(1, 3, NT).astype(np.float32)),
+              "probability": (rng.random(N).astype(np.float32), rng.random(NT).astype(np.float32))}
     return dict(mask=mask, train_pred=p_tr, test_pred=p_te, train_labels=y_tr, test_labels=y_te,
-                num_classes=C, train_margin=m_tr, test_margin=m_te)
+                num_classes=C, values=values if margins else None)
 
 
 def read(path, **kw):
@@ -38,7 +38,9 @@ def test_round_trip(tmp_path):
     np.testing.assert_array_equal(d.train_correct, a["train_pred"] == a["train_labels"])
     np.testing.assert_array_equal(d.test_correct, a["test_pred"] == a["test_labels"])
     np.testing.assert_array_equal(d.test_pred, a["test_pred"])
-    np.testing.assert_allclose(d.train_margin, a["train_margin"], rtol=1e-3, atol=1e-3)  # float16
+    for name in ("margin", "probability"):  # float16
+        np.testing.assert_allclose(d.train_values[name], a["values"][name][0], rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(d.test_values[name], a["values"][name][1], rtol=1e-3, atol=1e-3)
     assert d.meta["run"] == 4 and d.meta["format"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["run-000004.parquet"]  # no temporary left
 
@@ -47,7 +49,7 @@ def test_without_margins(tmp_path):
     a = make(margins=False)
     write_shard(tmp_path / "s.parquet", build_table(meta=META, **a))
     d = read(tmp_path / "s.parquet")
-    assert d.train_margin is None and d.test_margin is None
+    assert d.train_values == {} and d.test_values == {}
 
 
 def test_row_order_is_never_trusted(tmp_path):
@@ -68,8 +70,8 @@ def test_at_most_three_bytes_per_row_at_cifar_scale(tmp_path):
     mask = rng.random(n) < 0.7
     p_tr = np.where(rng.random(n) < np.where(mask, 0.995, 0.75), y_tr, rng.integers(0, c, n))
     p_te = np.where(rng.random(nt) < 0.75, y_te, rng.integers(0, c, nt))
-    table = build_table(mask, p_tr, p_te, y_tr, y_te, c, rng.normal(3, 2, n).astype(np.float32),
-                        rng.normal(2, 2, nt).astype(np.float32), {**META, "n_train": n, "n_test": nt})
+    table = build_table(mask, p_tr, p_te, y_tr, y_te, c, {**META, "n_train": n, "n_test": nt},
+                        {"margin": (rng.normal(3, 2, n).astype(np.float32), rng.normal(2, 2, nt).astype(np.float32))})
     write_shard(tmp_path / "s.parquet", table)
     assert (tmp_path / "s.parquet").stat().st_size / (n + nt) <= 3.0
 

@@ -41,13 +41,17 @@ def test_round_trip_through_toml():
 @pytest.mark.parametrize("section,line,match", [
     ("train", "epochz = 3", r"\[train\] in test.toml: unknown key\(s\) epochz. Valid keys:\n  epochs = 30"),
     ("campaign", "seed = -1", r"key 'seed' must be an integer >= 0, found -1"),
-    ("campaign", "subset_ratio = 1.0", r"'subset_ratio' must be a number strictly between 0 and 1, found 1.0"),
-    ("campaign", "subset_ratio = 0", r"'subset_ratio' must be a number strictly between 0 and 1, found 0"),
+    ("campaign", "subset_ratio = 1.0", r"'subset_ratio' must be a number strictly between 0 and 1, or a list"),
+    ("campaign", "subset_ratio = 0", r"'subset_ratio' must be a number strictly between 0 and 1.*, found 0"),
+    ("campaign", "subset_ratio = [0.5, 0.5]", r"a list of up to 100 distinct such numbers, found \[0.5, 0.5\]"),
+    ("campaign", "subset_ratio = \"half\"", r"'subset_ratio' must be a number or a list of a number, found 'half'"),
+    ("campaign", "design = \"stratified\"", r"'design' must be one of: fixed, bernoulli, balanced, paired"),
+    ("train", "store = [\"logits\"]", r"'store' must be a list of distinct values from: margin, probability"),
     ("train", "lr = \"fast\"", r"key 'lr' must be a number, found 'fast' \(str\)"),
     ("train", "nesterov = 1", r"key 'nesterov' must be true or false, found 1"),
     ("train", "epochs = 2.5", r"key 'epochs' must be an integer, found 2.5"),
     ("resources", "gpus_per_worker = -0.5", r"'gpus_per_worker' must be a number >= 0"),
-    ("estimates", "influence = \"sparse\"", r"'influence' must be one of: dense, none, found 'sparse'"),
+    ("estimates", "influence = \"sparse\"", r"'influence' must be one of: auto, dense, per-class, topk, none, found 'sparse'"),
     ("model", "hidden = [0]", r"\[model\] in test.toml \(name = 'mlp'\): key 'hidden' must be a non-empty list"),
     ("model", "depth = 3", r"unknown key\(s\) depth. Valid keys:\n  hidden = \[128\]"),
     ("dataset", "test_fraction = 0.9", r"'test_fraction' must be a number in \[0.05, 0.5\]"),
@@ -55,6 +59,15 @@ def test_round_trip_through_toml():
 def test_bad_values_name_key_and_expected_form(section, line, match):
     with pytest.raises(specs.SpecError, match=match):
         load(with_line(section, line))
+
+
+def test_cross_section_checks():
+    with pytest.raises(specs.SpecError, match=r"soft = \['probability'\] needs \['probability'\] in \[train\] store"):
+        load(with_line("estimates", 'soft = ["probability"]'))
+    with pytest.raises(specs.SpecError, match=r"ratio = 0.5 is not one of \[campaign\] subset_ratio \[0.7\]"):
+        load(with_line("estimates", "ratio = 0.5"))
+    s = load(MINIMAL.replace("runs = 10", "runs = 10\nsubset_ratio = [0.3, 0.7]") + "\n[estimates]\nratio = 0.7\n")
+    assert s.campaign.ratios == (0.3, 0.7) and s.primary_ratio == 0.7
 
 
 def test_runs_below_two_is_refused():

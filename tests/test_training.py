@@ -25,18 +25,20 @@ def test_same_seed_same_predictions(digits):
     a = train_run(build, dd, idx, 11, TRAIN)
     b = train_run(build, dd, idx, 11, TRAIN)
     c = train_run(build, dd, idx, 12, TRAIN)
-    np.testing.assert_array_equal(a.train_margin, b.train_margin)
-    assert not np.array_equal(a.train_margin, c.train_margin)
+    np.testing.assert_array_equal(a.train_values["margin"], b.train_values["margin"])
+    assert not np.array_equal(a.train_values["margin"], c.train_values["margin"])
     assert (a.test_pred == d.y_test).mean() > 0.5  # 3 epochs: far above chance (0.1), not converged
     # margin > 0 exactly when the prediction is right (ties aside)
-    assert ((a.train_margin > 0) == (a.train_pred == d.y_train)).mean() > 0.999
+    assert ((a.train_values["margin"] > 0) == (a.train_pred == d.y_train)).mean() > 0.999
+    p = a.train_values["probability"]
+    assert (0 <= p).all() and (p <= 1).all() and ((p > 0.5) <= (a.train_pred == d.y_train)).all()
 
 
 def test_cnn_trains_and_evaluates_in_eval_mode(digits):
     d, dd = digits
     build = model_factory({"name": "cnn", "channels": [8, 16], "hidden": 32})
     out = train_run(build, dd, np.arange(400), 0, {**TRAIN, "epochs": 2})
-    assert out.train_pred.shape == (d.n_train,) and out.test_margin.dtype == np.float32
+    assert out.train_pred.shape == (d.n_train,) and out.test_values["margin"].dtype == np.float32
     # in eval mode batch norm uses running statistics: a prediction does not depend on its batch
     model = build(10, d.input_shape)
     model.train()
@@ -57,7 +59,7 @@ def test_plugin_trainer_contract(digits):
     d, _ = digits
     idx = np.arange(100)
     out = run_plugin_trainer(lambda ds, i, s: (ds.y_train.copy(), ds.y_test.copy()), d, idx, 0, "t")
-    assert (out.train_pred == d.y_train).all() and out.train_margin is None
+    assert (out.train_pred == d.y_train).all() and out.train_values == {}
     with pytest.raises(RunFailed, match=r"must return \(train_pred, test_pred\)"):
         run_plugin_trainer(lambda ds, i, s: ds.y_train, d, idx, 0, "t")
     with pytest.raises(RunFailed, match=r"test_pred must have shape \(359,\), found \(3,\)"):

@@ -7,7 +7,8 @@ One row per evaluated example, train rows then test rows:
     in_subset  bool     train rows: did this run train on it; null on test rows
     correct    bool     pred == label
     pred       int16    predicted label (int32 beyond 32,767 classes)
-    margin     float16  correct-class logit minus the best other logit; null when the learner has none
+    margin     float16  correct-class logit minus the best other logit; null when not stored
+    prob       float16  softmax probability of the correct class (only when [train] store has it)
 
 Run-level facts are Parquet key-value metadata under the key "longtail" (JSON). Readers map rows to
 examples through `split` and `example`, never through row order.
@@ -39,9 +40,19 @@ def _pred_type(num_classes: int) -> pa.DataType:
     return pa.int16() if num_classes <= np.iinfo(np.int16).max else pa.int32()
 
 
+# stored value -> shard column
+COLUMNS = {"margin": "margin", "probability": "prob"}
+
+
+def _float16(values: np.ndarray) -> pa.Array:
+    return pa.array(np.clip(values, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16), pa.float16())
+
+
 def build_table(mask: np.ndarray, train_pred: np.ndarray, test_pred: np.ndarray, train_labels: np.ndarray,
-                test_labels: np.ndarray, num_classes: int, train_margin: np.ndarray | None,
-                test_margin: np.ndarray | None, meta: dict) -> pa.Table:
+                test_labels: np.ndarray, num_classes: int, meta: dict,
+                values: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> pa.Table:
+    """The shard of one run. `values` maps "margin" / "probability" to their (train, test) arrays."""
+    values = values or {}
     n_train, n_test = len(train_pred), len(test_pred)
     split = pa.DictionaryArray.from_arrays(
         pa.array(np.r_[np.zeros(n_train, np.int8), np.ones(n_test, np.int8)]), pa.array(["train", "test"]))
@@ -49,24 +60,27 @@ def build_table(mask: np.ndarray, train_pred: np.ndarray, test_pred: np.ndarray,
     in_subset = pa.array(np.r_[mask.astype(bool), np.zeros(n_test, bool)],
                          mask=np.r_[np.zeros(n_train, bool), np.ones(n_test, bool)])
     correct = np.r_[train_pred == train_labels, test_pred == test_labels]
-    pred_np = np.r_[train_pred, test_pred].astype(np.int16 if _pred_type(num_classes) == pa.int16() else np.int32)
-    if train_margin is None or test_margin is None:
-        margin = pa.nulls(n_train + n_test, pa.float16())
-    else:
-        m = np.clip(np.r_[train_margin, test_margin], -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
-        margin = pa.array(m, pa.float16())
-    schema = pa.schema([("split", SPLIT_TYPE), ("example", pa.int32()), ("in_subset", pa.bool_()),
-                        ("correct", pa.bool_()), ("pred", _pred_type(num_classes)), ("margin", pa.float16())],
-                       metadata={META_KEY: json.dumps({"format": FORMAT_VERSION, **meta}).encode()})
-    return pa.Table.from_arrays([split, pa.array(example), in_subset, pa.array(correct), pa.array(pred_np), margin],
-                                schema=schema)
+    pred_type = _pred_type(num_classes)
+    pred_np = np.r_[train_pred, test_pred].astype(np.int16 if pred_type == pa.int16() else np.int32)
+    fields = [("split", SPLIT_TYPE), ("example", pa.int32()), ("in_subset", pa.bool_()), ("correct", pa.bool_()),
+              ("pred", pred_type), ("margin", pa.float16())]
+    columns = [split, pa.array(example), in_subset, pa.array(correct), pa.array(pred_np)]
+    margin = values.get("margin")
+    columns.append(pa.nulls(n_train + n_test, pa.float16()) if margin is None else _float16(np.r_[margin]))
+    if "probability" in values:
+        fields.append(("prob", pa.float16()))
+        columns.append(_float16(np.r_[values["probability"]]))
+    schema = pa.schema(fields, metadata={META_KEY: json.dumps({"format": FORMAT_VERSION, **meta}).encode()})
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def write_shard(path, table: pa.Table) -> None:
     """Write atomically: temporary name, fsync, rename. Page checksums let readers detect corruption."""
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", use_dictionary=["split", "pred"],
-                       column_encoding={"example": "DELTA_BINARY_PACKED", "margin": "BYTE_STREAM_SPLIT"},
+        encodings = {"example": "DELTA_BINARY_PACKED", "margin": "BYTE_STREAM_SPLIT"}
+        if "prob" in table.column_names:
+            encodings["prob"] = "BYTE_STREAM_SPLIT"
+        pq.write_table(table, tmp, compression="zstd", use_dictionary=["split", "pred"], column_encoding=encodings,
                        write_page_checksum=True, write_statistics=False)
 
 
@@ -80,8 +94,8 @@ class ShardData:
     test_correct: np.ndarray  # (n_test,) bool
     train_pred: np.ndarray
     test_pred: np.ndarray
-    train_margin: np.ndarray | None  # float32, None when the learner gave none
-    test_margin: np.ndarray | None
+    train_values: dict[str, np.ndarray]  # "margin", "probability" (float32) when the shard has them
+    test_values: dict[str, np.ndarray]
 
 
 def read_meta(path) -> dict:
@@ -137,14 +151,18 @@ def read_shard(path, *, campaign: str, spec_hash: str, run: int, n_train: int, n
     correct = correct.to_numpy(zero_copy_only=False).astype(bool)
     subset = in_subset.fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
     pred = table.column("pred").to_numpy(zero_copy_only=False)
-    margin_col = table.column("margin")
-    margin = None if margin_col.null_count == table.num_rows else margin_col.to_numpy(
-        zero_copy_only=False).astype(np.float32)
+    train_values, test_values = {}, {}
+    for name, column in COLUMNS.items():
+        if column not in table.column_names or table.column(column).null_count == table.num_rows:
+            continue
+        col = table.column(column)
+        if col.null_count:
+            raise ShardError(f"{path}: column {column} has {col.null_count} missing values")
+        v = col.to_numpy(zero_copy_only=False).astype(np.float32)
+        train_values[name], test_values[name] = v[tr], v[te]
     shard_mask = subset[tr]
     if mask is not None and not np.array_equal(shard_mask, np.asarray(mask, bool)):
         raise ShardError(f"{path}: in_subset differs from the plan's subset of run {run} in "
                          f"{int((shard_mask != mask).sum())} examples")
     return ShardData(meta=meta, mask=shard_mask, train_correct=correct[tr], test_correct=correct[te],
-                     train_pred=pred[tr], test_pred=pred[te],
-                     train_margin=None if margin is None else margin[tr],
-                     test_margin=None if margin is None else margin[te])
+                     train_pred=pred[tr], test_pred=pred[te], train_values=train_values, test_values=test_values)

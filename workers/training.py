@@ -24,8 +24,8 @@ class RunFailed(RuntimeError):
 class RunOutput:
     train_pred: np.ndarray  # (n_train,) int
     test_pred: np.ndarray  # (n_test,) int
-    train_margin: np.ndarray | None  # (n_train,) float32
-    test_margin: np.ndarray | None
+    train_values: dict[str, np.ndarray]  # "margin", "probability": (n_train,) float32, where the learner has them
+    test_values: dict[str, np.ndarray]
     train_seconds: float  # the optimisation loop alone
     final_loss: float
 
@@ -95,16 +95,17 @@ def train_run(build, data: DeviceData, train_idx: np.ndarray, seed: int, train: 
             raise RunFailed(f"training loss became {loss.item()} in epoch {epoch + 1}/{train['epochs']}; "
                             f"lower [train] lr (now {train['lr']}) or check the data")
     train_seconds = time.perf_counter() - start
-    train_pred, train_margin = evaluate(model, data.x_train, data.y_train, train["eval_batch_size"])
-    test_pred, test_margin = evaluate(model, data.x_test, data.y_test, train["eval_batch_size"])
-    return RunOutput(train_pred, test_pred, train_margin, test_margin, train_seconds, float(loss.item()))
+    train_pred, train_values = evaluate(model, data.x_train, data.y_train, train["eval_batch_size"])
+    test_pred, test_values = evaluate(model, data.x_test, data.y_test, train["eval_batch_size"])
+    return RunOutput(train_pred, test_pred, train_values, test_values, train_seconds, float(loss.item()))
 
 
 @torch.no_grad()
-def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted labels and margins of every example, in eval mode (batch norm and dropout frozen)."""
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[np.ndarray, dict]:
+    """Predicted labels, margins and correct-class probabilities of every example, in eval mode
+    (batch norm and dropout frozen)."""
     model.eval()
-    preds, margins = [], []
+    preds, margins, probs = [], [], []
     for s in range(0, len(y), batch_size):
         logits = model(x[s:s + batch_size]).float()
         yb = y[s:s + batch_size]
@@ -112,11 +113,12 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[
         others = logits.scatter(1, yb[:, None], float("-inf")).amax(dim=1)
         preds.append(logits.argmax(dim=1))
         margins.append(own - others)
+        probs.append(torch.softmax(logits, dim=1).gather(1, yb[:, None])[:, 0])
     pred = torch.cat(preds).cpu().numpy()
     margin = torch.cat(margins).cpu().numpy().astype(np.float32)
     if not np.isfinite(margin).all():
         raise RunFailed("evaluation produced NaN or infinite logits")
-    return pred, margin
+    return pred, {"margin": margin, "probability": torch.cat(probs).cpu().numpy().astype(np.float32)}
 
 
 def run_plugin_trainer(fn, dataset, train_idx: np.ndarray, seed: int, where: str) -> RunOutput:
@@ -135,6 +137,7 @@ def run_plugin_trainer(fn, dataset, train_idx: np.ndarray, seed: int, where: str
     for name, a in zip(("train_pred", "test_pred"), arrays[:2]):
         if not np.issubdtype(a.dtype, np.integer):
             raise RunFailed(f"trainer {where!r}: {name} must hold integer labels, found dtype {a.dtype}")
-    margins = arrays[2:] if len(arrays) == 4 else [None, None]
-    margins = [None if m is None else m.astype(np.float32) for m in margins]
-    return RunOutput(arrays[0], arrays[1], margins[0], margins[1], seconds, float("nan"))
+    train_values, test_values = {}, {}
+    if len(arrays) == 4 and arrays[2] is not None and arrays[3] is not None:
+        train_values["margin"], test_values["margin"] = arrays[2].astype(np.float32), arrays[3].astype(np.float32)
+    return RunOutput(arrays[0], arrays[1], train_values, test_values, seconds, float("nan"))

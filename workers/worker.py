@@ -18,7 +18,7 @@ from . import shard as shard_format
 from .datasets import Dataset, resolve
 from .models import model_factory
 from .storage import StorageError
-from .training import DeviceData, RunOutput, run_plugin_trainer, train_run
+from .training import DeviceData, RunFailed, RunOutput, run_plugin_trainer, train_run
 
 
 def library_versions() -> dict:
@@ -56,6 +56,7 @@ class RunWorker:
         self.campaign = campaign
         self.spec_hash = spec_hash
         self.train = dict(spec["train"])
+        self.soft = list(spec["estimates"]["soft"])
         trainer = self.train.get("trainer", "")
         self.trainer = resolve(trainer, "trainer") if trainer else None
         self.data = None if self.trainer else DeviceData.from_dataset(dataset, self.device)
@@ -97,8 +98,14 @@ class RunWorker:
         }
         meta = {"campaign": self.campaign, "spec_hash": self.spec_hash, "n_train": ds.n_train,
                 "n_test": ds.n_test, "versions": self.versions, **summary}
+        values = {name: (out.train_values[name], out.test_values[name]) for name in self.train["store"]
+                  if name in out.train_values}
+        missing = sorted(set(self.soft) - set(values))
+        if missing:  # values [train] store lists but the learner lacks are simply absent, unless needed
+            raise RunFailed(f"[estimates] soft needs {missing} but the learner produced only "
+                            f"{sorted(out.train_values) or 'predictions'}")
         table = shard_format.build_table(mask, out.train_pred, out.test_pred, ds.y_train, ds.y_test,
-                                         ds.num_classes, out.train_margin, out.test_margin, meta)
+                                         ds.num_classes, meta, values)
         shard_format.write_shard(shard_path, table)
         summary["seconds"] = round(time.perf_counter() - start, 4)
         return summary

@@ -1,0 +1,332 @@
+"""Write what an Aggregator holds as files: estimates/ while and after a campaign runs, and exports.
+
+estimates/ (docs/campaign-directory.md):
+    memorization.parquet          per training example, main subset ratio, 0/1 and soft targets
+    cscore.parquet                with several subset ratios: held-out accuracy per ratio and the C-score
+    influence.npy, influence_se.npy            dense mode (train-major, float32)
+    influence_per_class.npz                    per-class mode (the paper's released layout)
+    influence_topk.parquet, influence_pairs.parquet   topk mode
+    (the same with a _<target> suffix for every soft target)
+    high_influence_pairs.parquet  the paper's selection, with standard errors
+    summary.json                  counts, accuracies, Table 1, split-half consistency, stopping
+
+Intermediate writes (while runs are still arriving) skip the work that is heavy at scale: tiled
+influence and the split-half check run only when `final` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from estimators import estimates as est
+from estimators import influence as inf
+from estimators.stats import CORRECT
+from workers.storage import atomic_path, atomic_write_text
+
+from .aggregate import Aggregator
+
+MEM_THRESHOLDS = (0.1, 0.25, 0.5, 0.75)
+
+
+def write_parquet(path: Path, table: pa.Table, runs: int) -> None:
+    table = table.replace_schema_metadata({b"longtail": json.dumps({"runs": runs}).encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+
+
+def write_dense_influence(agg: Aggregator, target: str, est_path: Path, se_path: Path):
+    """Write the dense influence and standard-error matrices straight into memory-mapped .npy files
+    (atomically renamed), and return them opened read-only."""
+    shape = (agg.c.n_train, agg.c.n_test)
+    with atomic_path(est_path) as tmp_est, atomic_path(se_path) as tmp_se:
+        out_est = np.lib.format.open_memmap(tmp_est, mode="w+", dtype=np.float32, shape=shape)
+        out_se = np.lib.format.open_memmap(tmp_se, mode="w+", dtype=np.float32, shape=shape)
+        est.influence_into(agg.stats, target, out_est, out_se)
+        out_est.flush()
+        out_se.flush()
+        del out_est, out_se
+    return np.load(est_path, mmap_mode="r"), np.load(se_path, mmap_mode="r")
+
+
+def write_npz(path: Path, arrays: dict) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+
+def suffix(target: str) -> str:
+    return "" if target == CORRECT else f"_{target}"
+
+
+def _budget(agg: Aggregator) -> float:
+    return agg.c.spec.estimates.memory_gb * 1e9 / 2
+
+
+def memorization_table(agg: Aggregator) -> tuple[pa.Table, dict[str, est.Memorization]]:
+    c = agg.c
+    mems = {t: est.memorization(agg.stats, t) for t in agg.targets}
+    cols = {"example": np.arange(c.n_train, dtype=np.int32), "label": c.labels["train_labels"].astype(np.int32)}
+    if "train_groups" in c.labels:
+        cols["group"] = c.labels["train_groups"].astype(np.int32)
+    for t, m in mems.items():
+        s = suffix(t)
+        cols.update({f"mem{s}": m.mem, f"se{s}": m.se, f"ci_low{s}": m.ci_low, f"ci_high{s}": m.ci_high})
+        if t == CORRECT:
+            cols.update(n_in=m.n_in, n_out=m.n_out, acc_in=m.acc_in, acc_out=m.acc_out)
+        else:
+            cols.update({f"mean_in{s}": m.acc_in, f"mean_out{s}": m.acc_out})
+    if len(c.plan.ratios) > 1:
+        cols["cscore"] = est.cscore([est.memorization(g).acc_out for g in agg.groups])
+    return pa.table(cols), mems
+
+
+def cscore_table(agg: Aggregator) -> pa.Table:
+    c = agg.c
+    cols = {"example": np.arange(c.n_train, dtype=np.int32), "label": c.labels["train_labels"].astype(np.int32)}
+    held_out = []
+    for ratio, g in zip(c.plan.ratios, agg.groups):
+        m = est.memorization(g)
+        held_out.append(m.acc_out)
+        cols[f"acc_out_{ratio:g}"] = m.acc_out
+        cols[f"n_out_{ratio:g}"] = m.n_out
+    cols["cscore"] = est.cscore(held_out)
+    return pa.table(cols)
+
+
+def _pairs_table(pairs: est.Pairs, test_labels: np.ndarray) -> pa.Table:
+    cols = {"train": pairs.train.astype(np.int32), "test": pairs.test.astype(np.int32),
+            "label": test_labels[pairs.test].astype(np.int32), "infl": pairs.infl.astype(np.float32),
+            "mem": pairs.mem.astype(np.float32)}
+    if pairs.se is not None:
+        cols["infl_se"] = pairs.se.astype(np.float32)
+    return pa.table(cols)
+
+
+def write_influence(agg: Aggregator, mems: dict[str, est.Memorization], final: bool) -> est.Pairs | None:
+    """Influence of every target in the campaign's mode; returns the paper's pairs (0/1 target)."""
+    c, e = agg.c, agg.c.spec.estimates
+    paths, mode = c.paths, agg.mode
+    y_tr, y_te = c.labels["train_labels"], c.labels["test_labels"]
+    if mode == "none" or agg.stats.runs == 0 or (mode != "dense" and not final):
+        return None
+    runs = agg.main_runs()
+    pairs = None
+    for target in agg.targets:
+        s, mem = suffix(target), mems[target].mem
+        if mode == "dense":
+            infl, se = write_dense_influence(agg, target, paths.estimates_dir / f"influence{s}.npy",
+                                             paths.estimates_dir / f"influence{s}_se.npy")
+            found = est.high_influence_pairs(mem, infl, y_tr, y_te, e.mem_threshold, e.infl_threshold,
+                                             e.same_class, se)
+        elif mode == "per-class":
+            blocks = inf.per_class(agg.mask_columns(runs), agg.outcomes(target, runs), y_tr, y_te, _budget(agg))
+            arrays = {}
+            cand = [[], [], [], []]
+            for b in blocks:
+                arrays.update({f"infl_matrix_class{b.label}": b.infl, f"infl_se_class{b.label}": b.se,
+                               f"tr_classidx_{b.label}": b.train, f"tt_classidx_{b.label}": b.test})
+                r, j = np.nonzero(b.infl >= e.infl_threshold)
+                for lst, v in zip(cand, (b.train[r], b.test[j], b.infl[r, j], b.se[r, j])):
+                    lst.append(v)
+            write_npz(paths.estimates_dir / f"influence{s}_per_class.npz", arrays)
+            cand = [np.concatenate(v) if v else np.array([]) for v in cand]
+            found = est.filter_pairs(est.select_pairs(cand[0].astype(np.int64), cand[1].astype(np.int64), cand[2],
+                                                      mem, cand[3]), mem, y_tr, y_te, e.mem_threshold,
+                                     e.infl_threshold, same_class=True)
+        else:  # topk
+            top = inf.top_k(agg.mask_columns(runs), agg.outcomes(target, runs), c.n_train, e.top_k,
+                            e.infl_threshold, _budget(agg))
+            n_test, k = top.train.shape
+            write_parquet(paths.estimates_dir / f"influence{s}_topk.parquet", pa.table({
+                "test": np.repeat(np.arange(n_test, dtype=np.int32), k), "rank": np.tile(np.arange(k, dtype=np.int16),
+                                                                                        n_test),
+                "train": top.train.ravel().astype(np.int32), "infl": top.infl.ravel(), "se": top.se.ravel(),
+                "ci_low": top.ci_low.ravel(), "ci_high": top.ci_high.ravel()}), len(runs))
+            write_parquet(paths.estimates_dir / f"influence{s}_pairs.parquet", pa.table({
+                "train": top.pairs_train.astype(np.int32), "test": top.pairs_test.astype(np.int32),
+                "infl": top.pairs_infl, "se": top.pairs_se}), len(runs))
+            found = est.filter_pairs(est.select_pairs(top.pairs_train, top.pairs_test, top.pairs_infl, mem,
+                                                      top.pairs_se), mem, y_tr, y_te, e.mem_threshold,
+                                     e.infl_threshold, e.same_class)
+        if target == CORRECT:
+            pairs = found
+            write_parquet(paths.pairs, _pairs_table(found, y_te), len(runs))
+    return pairs
+
+
+def split_half(agg: Aggregator) -> dict | None:
+    """Estimates from the even and from the odd runs of the main ratio, and how well they agree."""
+    c, e = agg.c, agg.c.spec.estimates
+    halves = [est.memorization(h) for h in agg.halves]
+    if min(h.runs for h in agg.halves) < 2:
+        return None
+    a, b = halves[0].mem, halves[1].mem
+    both = np.isfinite(a) & np.isfinite(b)
+    varies = both.sum() > 2 and a[both].std() > 0 and b[both].std() > 0
+    out = {"runs": [h.runs for h in agg.halves],
+           "memorization_correlation": float(np.corrcoef(a[both], b[both])[0, 1]) if varies else None,
+           "memorization_mean_abs_difference": float(np.abs(a[both] - b[both]).mean()) if both.any() else None}
+    for thr in MEM_THRESHOLDS:
+        out[f"memorized_jaccard_{thr:g}"] = est.jaccard(set(np.flatnonzero(a >= thr)), set(np.flatnonzero(b >= thr)))
+    if agg.mode != "none":
+        y_tr, y_te = c.labels["train_labels"], c.labels["test_labels"]
+        found = []
+        for h in range(2):
+            runs = agg.main_runs(h)
+            top = inf.top_k(agg.mask_columns(runs), agg.outcomes(CORRECT, runs), c.n_train, 1, e.infl_threshold,
+                            _budget(agg))
+            mem = halves[h].mem
+            p = est.filter_pairs(est.select_pairs(top.pairs_train, top.pairs_test, top.pairs_infl, mem), mem,
+                                 y_tr, y_te, e.mem_threshold, e.infl_threshold, e.same_class)
+            found.append(set(zip(p.train.tolist(), p.test.tolist())))
+        out["pairs"] = [len(f) for f in found]
+        out["pairs_jaccard"] = est.jaccard(found[0], found[1])
+    return out
+
+
+def summary(agg: Aggregator, mem: est.Memorization, pairs: est.Pairs | None, complete: bool) -> dict:
+    c, e = agg.c, agg.c.spec.estimates
+    t = agg.stats.runs
+    acc = agg.run_info["test_acc"][agg.folded]
+    finite = np.isfinite(mem.mem)
+
+    def spread(a):
+        a = np.asarray(a)
+        return {"min": int(a.min()), "median": float(np.median(a)), "max": int(a.max())} if len(a) else None
+
+    groups = []
+    for ratio, g in zip(c.plan.ratios, agg.groups):
+        groups.append({"subset_ratio": ratio, "runs": g.runs, "n_in": spread(g.n_in), "n_out": spread(g.n_out)})
+    out = {
+        "campaign": c.name,
+        "complete": complete,
+        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "runs": {"planned": c.plan.runs, "folded": int(agg.folded.sum())},
+        "design": c.plan.design,
+        "subset_ratio": c.spec.primary_ratio,
+        "ratios": groups,
+        "n_train": c.n_train,
+        "n_test": c.n_test,
+        "influence_mode": agg.mode,
+        "counts": {"n_in": spread(mem.n_in), "n_out": spread(mem.n_out)},
+        "error_bound_rms": est.error_bound(t, c.spec.primary_ratio) if t else None,
+        "test_accuracy": {"mean": float(np.nanmean(acc)), "std": float(np.nanstd(acc))} if len(acc) else None,
+        "memorization": {
+            "defined": int(finite.sum()),
+            "mean": float(np.nanmean(mem.mem)) if finite.any() else None,
+            "mean_se": float(np.nanmean(mem.se)) if finite.any() else None,
+            "held_out_accuracy_mean": float(np.nanmean(mem.acc_out)) if finite.any() else None,
+            "share_at_least": {f"{thr:g}": float((mem.mem[finite] >= thr).mean()) if finite.any() else None
+                               for thr in MEM_THRESHOLDS},
+        },
+    }
+    if pairs is not None:
+        out["high_influence_pairs"] = {"mem_threshold": e.mem_threshold, "infl_threshold": e.infl_threshold,
+                                       "same_class": e.same_class, **est.table1(pairs, c.n_test)}
+    if e.target_se:
+        out["target_se"] = {"target": e.target_se, "wanted_share": e.target_share,
+                            "share": agg.share_at_target()}
+    return out
+
+
+def write_estimates(agg: Aggregator, complete: bool, final: bool = True, extra: dict | None = None) -> dict:
+    """Finalize the folded statistics into estimates/ and return the summary."""
+    agg.flush()
+    c = agg.c
+    c.paths.estimates_dir.mkdir(parents=True, exist_ok=True)
+    runs = agg.stats.runs
+    table, mems = memorization_table(agg)
+    write_parquet(c.paths.memorization, table, runs)
+    if len(c.plan.ratios) > 1:
+        write_parquet(c.paths.estimates_dir / "cscore.parquet", cscore_table(agg), int(agg.folded.sum()))
+    pairs = write_influence(agg, mems, final)
+    out = summary(agg, mems[CORRECT], pairs, complete)
+    if final and c.spec.estimates.split_half:
+        out["split_half"] = split_half(agg)
+    out.update(extra or {})
+    out = _clean(out)
+    atomic_write_text(c.paths.summary, json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def _clean(o):
+    """JSON-safe: numpy scalars become Python ones, NaN and infinities become null."""
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if isinstance(o, np.generic):
+        o = o.item()
+    if isinstance(o, float) and not np.isfinite(o):
+        return None
+    return o
+
+
+def export_fz(agg: Aggregator, dest: Path) -> list[Path]:
+    """The paper's released layouts (Feldman & Zhang 2020, pluskid.github.io/influence-memorization):
+
+    <name>_infl_matrix.npz: tr_mem, tr_labels, tt_labels, and per class k infl_matrix_class{k}
+        (train-major block), tr_classidx_{k}, tt_classidx_{k} (global ids);
+    <name>_high_infl_pairs_infl<t>_mem<t>.npz: tr_idx, tt_idx, infl, mem (same-class pairs).
+    """
+    c, e = agg.c, agg.c.spec.estimates
+    dest.mkdir(parents=True, exist_ok=True)
+    agg.flush()
+    mem = est.memorization(agg.stats).mem
+    y_tr, y_te = c.labels["train_labels"], c.labels["test_labels"]
+    runs = agg.main_runs()
+    blocks = inf.per_class(agg.mask_columns(runs), agg.outcomes(CORRECT, runs), y_tr, y_te, _budget(agg))
+    arrays = {"tr_mem": mem.astype(np.float32), "tr_labels": y_tr, "tt_labels": y_te}
+    cand = [[], [], []]
+    for b in blocks:
+        arrays.update({f"infl_matrix_class{b.label}": b.infl, f"tr_classidx_{b.label}": b.train,
+                       f"tt_classidx_{b.label}": b.test})
+        r, j = np.nonzero(b.infl >= e.infl_threshold)
+        for lst, v in zip(cand, (b.train[r], b.test[j], b.infl[r, j])):
+            lst.append(v)
+    matrix = dest / f"{c.name}_infl_matrix.npz"
+    write_npz(matrix, arrays)
+    cand = [np.concatenate(v) if v else np.array([]) for v in cand]
+    pairs = est.filter_pairs(est.select_pairs(cand[0].astype(np.int64), cand[1].astype(np.int64), cand[2], mem),
+                             mem, y_tr, y_te, e.mem_threshold, e.infl_threshold, same_class=True)
+    pairs_path = dest / f"{c.name}_high_infl_pairs_infl{e.infl_threshold:g}_mem{e.mem_threshold:g}.npz"
+    write_npz(pairs_path, {"tr_idx": pairs.train, "tt_idx": pairs.test, "infl": pairs.infl.astype(np.float32),
+                           "mem": pairs.mem.astype(np.float32)})
+    return [matrix, pairs_path]
+
+
+def export_parquet(agg: Aggregator, dest: Path) -> list[Path]:
+    """Tables keyed by example id, in the dataset's original order: train.parquet (memorization, counts,
+    intervals, C-score), test.parquet (accuracy over runs and the strongest influencer of each test
+    example), pairs.parquet (the paper's high-influence pairs)."""
+    c, e = agg.c, agg.c.spec.estimates
+    dest.mkdir(parents=True, exist_ok=True)
+    agg.flush()
+    table, mems = memorization_table(agg)
+    runs = agg.main_runs()
+    train_path, test_path, pairs_path = dest / "train.parquet", dest / "test.parquet", dest / "pairs.parquet"
+    write_parquet(train_path, table, len(runs))
+    y_tr, y_te = c.labels["train_labels"], c.labels["test_labels"]
+    cols = {"example": np.arange(c.n_test, dtype=np.int32), "label": y_te.astype(np.int32),
+            "accuracy": agg.stats.targets[CORRECT].test / max(agg.stats.runs, 1)}
+    top = inf.top_k(agg.mask_columns(runs), agg.outcomes(CORRECT, runs), c.n_train, 1, e.infl_threshold,
+                    _budget(agg))
+    cols.update(top_train=top.train[:, 0].astype(np.int32), top_infl=top.infl[:, 0], top_se=top.se[:, 0])
+    write_parquet(test_path, pa.table(cols), len(runs))
+    mem = mems[CORRECT].mem
+    pairs = est.filter_pairs(est.select_pairs(top.pairs_train, top.pairs_test, top.pairs_infl, mem, top.pairs_se),
+                             mem, y_tr, y_te, e.mem_threshold, e.infl_threshold, e.same_class)
+    write_parquet(pairs_path, _pairs_table(pairs, y_te), len(runs))
+    return [train_path, test_path, pairs_path]
