@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from workers.datasets import Dataset, dataset_fingerprint, load_dataset
 from workers.storage import atomic_path, atomic_write_text, is_temporary
+from workers.worker import preflight
 
 from . import plan as planning
 from . import spec as specs
@@ -147,6 +148,8 @@ def create_or_open(spec: specs.Spec | None, root, load_data: bool = True) -> Cam
             if changed:
                 notes.append(f"updated {', '.join('[' + c + ']' for c in changed)} in {paths.spec}")
         dataset = load_dataset(spec.dataset.as_dict()) if load_data else None
+        if dataset is not None:
+            preflight(spec.to_dict(), dataset)
         meta, labels = read_examples(paths.examples)
         if dataset is not None and dataset_fingerprint(dataset) != meta["fingerprint"]:
             raise CampaignError(f"the dataset {spec.dataset.name!r} differs from the one this campaign was "
@@ -172,6 +175,7 @@ def create_or_open(spec: specs.Spec | None, root, load_data: bool = True) -> Cam
         raise CampaignError(f"{paths.root} exists, is not empty and holds no campaign.toml; refusing to write "
                             f"a campaign into it. Choose another --out directory.")
     dataset = load_dataset(spec.dataset.as_dict())
+    preflight(spec.to_dict(), dataset)  # everything is checked before anything is written
     fingerprint = dataset_fingerprint(dataset)
     plan = planning.make_plan(spec.campaign.design, spec.campaign.seed, dataset.n_train, spec.campaign.ratios,
                               spec.campaign.runs)

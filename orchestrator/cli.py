@@ -22,14 +22,14 @@ def _fail(msg: str, code: int = 2):
 
 def _errors():
     """The exceptions that mean bad input or a refused action, printed without a traceback."""
-    from workers.datasets import DatasetError
+    from workers.options import SetupError
     from workers.storage import StorageError
 
     from .campaign import CampaignError
     from .lock import LockedError
     from .plan import PlanError
 
-    return (specs.SpecError, DatasetError, PlanError, CampaignError, LockedError, StorageError)
+    return (specs.SpecError, SetupError, PlanError, CampaignError, LockedError, StorageError)
 
 
 def _load_spec(path: str) -> specs.Spec:
@@ -69,7 +69,7 @@ def validate(spec_file):
         validate_design(spec.campaign.design, spec.campaign.ratios, data.n_train, spec.campaign.runs,
                         f"[campaign] in {spec_file}")
         preflight(spec.to_dict(), data)
-    except _errors() + (ValueError,) as e:
+    except _errors() as e:
         _fail(str(e))
     click.echo(specs.dumps(spec))
     t = spec.campaign.runs
@@ -108,11 +108,9 @@ def _human(n: float) -> str:
 def _run(spec: specs.Spec | None, out: Path, address: str | None, progress: bool, top: int) -> None:
     from .campaign import create_or_open
     from .driver import CampaignInterrupted, run_campaign
-    from workers.worker import preflight
 
     try:
         campaign = create_or_open(spec, out)
-        preflight(campaign.spec.to_dict(), campaign.dataset)
         for note in campaign.notes:
             click.echo(f"longtail: {note}", err=True)
         report = run_campaign(campaign, address=address, progress=progress)

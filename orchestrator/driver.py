@@ -3,8 +3,9 @@
 Ray stays at this edge. Long-lived `RunWorker` actors (one per `cpus_per_worker`/`gpus_per_worker`
 slot) keep the dataset resident; the driver keeps at most `max_in_flight` runs dispatched, consumes
 them in completion order with `ray.wait`, verifies and folds each shard, checkpoints the fold every
-`checkpoint_seconds`, and records every failed run in failed/. Worker or node deaths are retried by
-Ray (`max_retries`); a run that fails on its own is recorded once and the campaign goes on.
+`checkpoint_seconds`, and records every failed run in failed/. A run whose worker or node dies goes
+back in the queue and is retried on another worker (`max_retries`, see orchestrator/pool.py); a
+run that fails on its own is recorded once and the campaign goes on, within a failure budget.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from workers.shard import ShardError
 from workers.storage import atomic_write_text
 
 from .aggregate import Aggregator
-from .outputs import write_estimates
 from .campaign import Campaign, CampaignError
 from .lock import DriverLock
+from .outputs import write_estimates
 from .progress import Progress
 
 
@@ -40,7 +43,9 @@ class RunReport:
     planned: int
     already_done: int
     trained: int = 0
-    failed: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)  # runs in failed/ at the end
+    failed_now: list[int] = field(default_factory=list)  # runs that failed in this session
+    retried: int = 0  # runs put back in the queue after their worker died
     rejected: list[int] = field(default_factory=list)
     seconds: float = 0.0  # the whole call, Ray start-up included
     training_seconds: float = 0.0  # from the first dispatch to the last result
@@ -96,33 +101,18 @@ def _ray_init(address: str | None, campaign: Campaign):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return ray, False, None
+    # Workers import the driver's plug-ins: they see its import path (a cluster whose nodes lack
+    # these paths needs the code installed there, see docs/plugins.md).
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
     if address:
-        ctx = ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+        ctx = ray.init(address=address, log_to_driver=False, logging_level="WARNING", runtime_env=runtime_env)
     else:
         cpus = campaign.spec.resources.local_cpus or None
         # The embedded cluster binds the dashboard to loopback: it is protected by nothing but Ray's token.
         ctx = ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                       log_to_driver=False, logging_level="WARNING",
-                       runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
+                       log_to_driver=False, logging_level="WARNING", runtime_env=runtime_env)
     url = getattr(ctx, "dashboard_url", None)
     return ray, True, (f"http://{url}" if url and not url.startswith("http") else url)
-
-
-def _worker_count(ray, campaign: Campaign, todo: int) -> int:
-    res = campaign.spec.resources
-    total = ray.cluster_resources()
-    fit = int(total.get("CPU", 0) // res.cpus_per_worker) if res.cpus_per_worker else todo
-    if res.gpus_per_worker:
-        gpus = total.get("GPU", 0)
-        if gpus == 0:
-            raise CampaignError(f"[resources] gpus_per_worker = {res.gpus_per_worker} but the cluster has no GPU; "
-                                f"set gpus_per_worker = 0 to train on CPUs")
-        fit = min(fit, int(gpus // res.gpus_per_worker))
-    if fit == 0:
-        raise CampaignError(f"the cluster ({total.get('CPU', 0):g} CPUs) cannot fit one worker of "
-                            f"{res.cpus_per_worker:g} CPUs; lower [resources] cpus_per_worker")
-    n = res.workers or fit
-    return max(1, min(n, todo))
 
 
 def run_campaign(campaign: Campaign, address: str | None = None, progress: bool = True) -> RunReport:
@@ -180,106 +170,158 @@ def _target_reached(campaign: Campaign, agg: Aggregator, report: RunReport) -> b
 
 def _dispatch(campaign: Campaign, agg: Aggregator, todo: list[int], done: set[int], report: RunReport,
               address: str | None, show_progress: bool, lock: DriverLock) -> None:
-    from workers.worker import RunWorker
+    from .pool import WorkerPool
 
     ray, owned, report.dashboard_url = _ray_init(address, campaign)
-    res = campaign.spec.resources
+    res, e = campaign.spec.resources, campaign.spec.estimates
+    plan, paths = campaign.plan, campaign.paths
+    pool = WorkerPool(ray, campaign, _say)
+    queue = deque(todo)
+    attempts: dict[int, int] = {}  # worker deaths per run
+    in_flight: dict = {}  # ObjectRef -> (run, slot)
     try:
-        n_workers = _worker_count(ray, campaign, len(todo))
-        actor_cls = ray.remote(RunWorker)
-        spec_dict = campaign.spec.to_dict()
-        workers = [
-            actor_cls.options(
-                name=f"longtail:{campaign.name}:worker-{k}", num_cpus=res.cpus_per_worker,
-                num_gpus=res.gpus_per_worker, max_restarts=res.max_retries, max_task_retries=res.max_retries,
-            ).remote(spec_dict, campaign.name, campaign.spec.result_hash(), campaign.fingerprint,
-                     max(1, int(res.cpus_per_worker)), res.gpus_per_worker > 0)
-            for k in range(n_workers)
-        ]
-        try:
-            ray.get([w.ping.remote() for w in workers])
-        except Exception as e:  # an actor whose constructor failed: every run would fail the same way
-            cause = getattr(e, "cause", None) or e
-            raise CampaignError(f"the workers could not start: {str(cause).strip().splitlines()[-1]}") from None
-        _say(f"campaign {campaign.name!r}: {len(todo)} runs to train on {n_workers} workers "
-             f"({len(done)} of {campaign.plan.runs} already done)"
+        pool.grow_to(min(pool.fit(), len(queue)))
+        pool.wait_ready()
+        _say(f"campaign {campaign.name!r}: {len(todo)} runs to train on {len(pool.live())} workers "
+             f"({len(done)} of {plan.runs} already done)"
              + (f"; Ray dashboard at {report.dashboard_url}" if report.dashboard_url else ""))
-        per_worker = max(1, (res.max_in_flight or 2 * n_workers) // n_workers)
-        queue = deque(todo)
-        in_flight: dict = {}  # ObjectRef -> (run, worker index)
-        load = [0] * n_workers
-        failed_now = 0
-        bar = Progress(total=campaign.plan.runs, done=len(done), enabled=show_progress)
-        plan, paths = campaign.plan, campaign.paths
-
-        def submit(w: int) -> None:
-            r = queue.popleft()
-            ref = workers[w].run.remote(r, plan.masks[r], int(plan.seeds[r]), str(paths.shard(r)))
-            in_flight[ref] = (r, w)
-            load[w] += 1
-
-        for w in range(n_workers):
-            while queue and load[w] < per_worker:
-                submit(w)
-        last_checkpoint = first_dispatch = time.monotonic()
+        bar = Progress(total=plan.runs, done=len(done), enabled=show_progress)
+        last_checkpoint = last_resize = first_dispatch = time.monotonic()
         try:
-            while in_flight:
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-                for ref in ready:
-                    r, w = in_flight.pop(ref)
-                    load[w] -= 1
-                    if _collect(ray, ref, r, campaign, agg, report):
+            while queue or in_flight:
+                pool.poll()
+                ready_slots = pool.ready()
+                per_worker = max(1, (res.max_in_flight or 2 * len(ready_slots)) // max(1, len(ready_slots)))
+                for slot in ready_slots:
+                    while queue and slot.load < per_worker:
+                        r = queue.popleft()
+                        ref = slot.actor.run.remote(r, plan.masks[r], int(plan.seeds[r]), str(paths.shard(r)))
+                        in_flight[ref] = (r, slot)
+                        slot.load += 1
+                if not in_flight and not pool.live():
+                    raise CampaignError("no worker is left to run the campaign; see the messages above")
+                finished, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0) if in_flight else ([], [])
+                for ref in finished:
+                    r, slot = in_flight.pop(ref)
+                    slot.load -= 1
+                    outcome = _collect(ray, ref, r, campaign, agg, report)
+                    if outcome == "folded":
                         done.add(r)
-                    else:
-                        failed_now += 1
-                    while queue and load[w] < per_worker:
-                        submit(w)
-                bar.update(len(done), failed_now, len(in_flight))
-                if time.monotonic() - last_checkpoint >= campaign.spec.estimates.checkpoint_seconds:
+                    elif outcome == "worker died":
+                        _worker_died(pool, slot, r, attempts, queue, campaign, report)
+                _check_failure_budget(campaign, report)
+                bar.update(len(done), len(report.failed_now), len(in_flight))
+                now = time.monotonic()
+                if now - last_resize >= RESIZE_SECONDS and queue:  # nodes that joined get work too
+                    started = pool.grow_to(min(pool.fit(), len(pool.live()) + len(queue)))
+                    if started:
+                        _say(f"starting {started} more workers: the cluster has room for them")
+                    last_resize = now
+                if now - last_checkpoint >= e.checkpoint_seconds:
                     agg.save_checkpoint()
                     write_estimates(agg, complete=False, final=False)
                     lock.heartbeat()
-                    last_checkpoint = time.monotonic()
+                    last_checkpoint = now
                     if queue and _target_reached(campaign, agg, report):
                         queue.clear()  # runs in flight finish and are folded; nothing new is dispatched
             report.training_seconds = time.monotonic() - first_dispatch
         finally:
             bar.close()
-            for a in workers:
-                ray.kill(a)
+            pool.shutdown()
     finally:
         if owned:
             ray.shutdown()
 
 
-def _collect(ray, ref, run: int, campaign: Campaign, agg: Aggregator, report: RunReport) -> bool:
-    """Take one finished call: fold its shard, or record why the run failed. True if folded."""
+RESIZE_SECONDS = 5.0
+
+
+def _worker_died(pool, slot, run: int, attempts: dict, queue: deque, campaign: Campaign, report: RunReport):
+    """Retry the run elsewhere (bounded), and replace the worker once."""
+    limit = campaign.spec.resources.max_retries
+    attempts[run] = attempts.get(run, 0) + 1
+    report.retried += 1
+    if attempts[run] > limit:
+        record_failure(campaign, run, f"its worker died {attempts[run]} times (the last on {slot.info.get('host')}); "
+                       f"[resources] max_retries = {limit}", attempts=attempts[run])
+        report.failed_now.append(run)
+    else:
+        queue.appendleft(run)
+    if not slot.dead:
+        pool.kill(slot)
+        _say(f"worker {slot.name} on {slot.info.get('host', '?')} died; run {run} goes back in the queue "
+             f"(attempt {attempts[run]} of {limit + 1}); starting a replacement")
+        pool.grow_to(len(pool.live()) + 1)
+
+
+def _check_failure_budget(campaign: Campaign, report: RunReport) -> None:
+    budget = campaign.spec.resources.max_failures
+    limit = budget if budget >= 1 else max(1, int(budget * campaign.plan.runs))
+    if len(report.failed_now) > limit:
+        raise CampaignError(
+            f"{len(report.failed_now)} runs failed in this session, more than the failure budget ([resources] "
+            f"max_failures = {budget:g}, i.e. {limit} runs); the campaign stopped. Reasons are in "
+            f"{campaign.paths.failed_dir}/ (first: {_first_reason(campaign, report.failed_now)}). Fix the cause, "
+            f"then: longtail resume {campaign.paths.root}")
+
+
+def _first_reason(campaign: Campaign, runs: list[int]) -> str:
+    try:
+        return json.loads(campaign.paths.failure(runs[0]).read_text())["reason"]
+    except (OSError, ValueError, KeyError):
+        return "unknown"
+
+
+def _collect(ray, ref, run: int, campaign: Campaign, agg: Aggregator, report: RunReport) -> str:
+    """Take one finished call: fold its shard ("folded"), record why the run failed ("failed"), or
+    report that its worker died ("worker died")."""
     from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
     try:
         result = ray.get(ref)
-    except RayTaskError as e:
+    except (RayActorError, WorkerCrashedError):
+        return "worker died"
+    except RayTaskError as e:  # the worker code itself raised (run() returns failures as data)
         cause = e.cause if getattr(e, "cause", None) is not None else e
         record_failure(campaign, run, f"{type(cause).__name__}: {cause}".splitlines()[0][:500],
-                       _ANSI.sub("", getattr(e, "traceback_str", "") or str(e)), host=getattr(e, "ip", ""))
-        return False
-    except (RayActorError, WorkerCrashedError) as e:
-        record_failure(campaign, run, f"worker died {campaign.spec.resources.max_retries + 1} times: "
-                       f"{type(e).__name__}", str(e), attempts=campaign.spec.resources.max_retries + 1)
-        return False
+                       _ANSI.sub("", getattr(e, "traceback_str", "") or str(e)))
+        report.failed_now.append(run)
+        return "failed"
     if result.get("fatal"):
         raise CampaignError(f"run {run} could not be stored on {result['host']}: {result['reason']}. Nothing "
                             f"half-written is visible; fix the cause, then: longtail resume {campaign.paths.root}")
     if result.get("failed"):
         record_failure(campaign, run, result["reason"], result["traceback"], host=result["host"])
-        return False
+        report.failed_now.append(run)
+        return "failed"
     try:
-        agg.add(run, agg.read(run))
+        data = agg.read(run)
     except ShardError as e:
         reject_shard(campaign, run, str(e))
         report.rejected.append(run)
         record_failure(campaign, run, f"its shard failed verification: {e}", host=result.get("host", ""))
-        return False
+        report.failed_now.append(run)
+        return "failed"
+    floor = _accuracy_floor(campaign, agg)
+    if floor is not None and result["test_acc"] < floor:
+        why = (f"test accuracy {result['test_acc']:.3f} is far below the campaign's median "
+               f"({floor / campaign.spec.estimates.min_accuracy:.3f}; [estimates] min_accuracy = "
+               f"{campaign.spec.estimates.min_accuracy})")
+        reject_shard(campaign, run, why)
+        record_failure(campaign, run, why, host=result.get("host", ""))
+        report.failed_now.append(run)
+        return "failed"
+    agg.add(run, data)
     report.trained += 1
-    return True
+    return "folded"
 
+
+def _accuracy_floor(campaign: Campaign, agg: Aggregator) -> float | None:
+    """A run whose test accuracy is below min_accuracy x the median of the folded runs is a failure
+    (diverged, collapsed to one class): folding it would bias every estimate. Needs 10 runs first."""
+    share = campaign.spec.estimates.min_accuracy
+    acc = agg.run_info["test_acc"][agg.folded]
+    acc = acc[np.isfinite(acc)]
+    if not share or len(acc) < 10:
+        return None
+    return share * float(np.median(acc))

@@ -111,8 +111,11 @@ class ResourcesSection:
                                     _nonnegative, "a number >= 0", affects_results=False)
     max_in_flight: int = option(0, "runs dispatched and not yet finished; 0 = 2 per worker", _nonnegative,
                                 "an integer >= 0", affects_results=False)
-    max_retries: int = option(3, "times a run is retried after its worker process or node died",
+    max_retries: int = option(3, "times a run is retried on another worker after its worker process or node died",
                               _nonnegative, "an integer >= 0", affects_results=False)
+    max_failures: float = option(0.1, "failure budget: the campaign stops when more runs fail in one session; "
+                                 "below 1 a share of the planned runs, from 1 a number of runs", _positive,
+                                 "a number > 0", affects_results=False)
     local_cpus: int = option(0, "CPUs of the embedded local Ray (ignored with --address); 0 = all of this machine",
                              _nonnegative, "an integer >= 0", affects_results=False)
 
@@ -140,6 +143,9 @@ class EstimatesSection:
                           "0 or one of [campaign] subset_ratio", affects_results=False)
     split_half: bool = option(True, "estimate again from even and from odd runs and report their agreement",
                               affects_results=False)
+    min_accuracy: float = option(0.5, "a run whose test accuracy is below min_accuracy x the median of the runs "
+                                 "folded so far (after 10) is recorded as failed, not folded; 0 = off",
+                                 lambda v: 0 <= v < 1, "a number in [0, 1)", affects_results=False)
     target_se: float = option(0.0, "adaptive stopping: stop scheduling runs once target_share of the memorization "
                               "estimates have a standard error <= target_se; 0 = run every planned run",
                               _nonnegative, "a number >= 0", affects_results=False)

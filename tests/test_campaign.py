@@ -215,6 +215,8 @@ name = "plugins:gaussian_blobs"
 name = "mlp"
 [train]
 trainer = "plugins:fails_on_odd_seeds"
+[resources]
+max_failures = 6
 """, "flaky.toml")
     c = create_or_open(spec, tmp_path / "f")
     report = run_campaign(c, progress=False)

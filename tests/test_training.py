@@ -6,7 +6,8 @@ import torch
 
 from workers.datasets import load_dataset
 from workers.models import model_factory
-from workers.training import DeviceData, RunFailed, evaluate, run_plugin_trainer, train_run
+from workers.results import RunFailed, run_plugin_trainer
+from workers.training import DeviceData, evaluate, train_run
 
 TRAIN = dict(epochs=3, batch_size=64, optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
              schedule="cosine", label_smoothing=0.0, eval_batch_size=256)

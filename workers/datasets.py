@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .options import option
+from .options import SetupError, option
 
 
-class DatasetError(ValueError):
-    """A dataset that cannot be used (bad plug-in path, wrong shapes or labels)."""
+class DatasetError(SetupError):
+    """A dataset that cannot be used (wrong shapes or labels), or a plug-in path that does not resolve."""
 
 
 @dataclass(frozen=True)

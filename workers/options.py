@@ -10,6 +10,11 @@ from dataclasses import field
 from typing import Any, Callable
 
 
+class SetupError(ValueError):
+    """A campaign's inputs cannot be used (a plug-in that does not import, a model that does not fit the
+    data, a dataset with wrong shapes); found before any compute, the message says where and why."""
+
+
 def option(default, doc: str, check: Callable[[Any], bool] | None = None, expect: str = "",
            affects_results: bool = True):
     """A field: `check(value)` must hold, `expect` says in words what it accepts; `affects_results`

@@ -2,11 +2,14 @@
 
 Starting Python and importing torch costs seconds and a small run costs less, so a worker loads the
 dataset onto its device once and then trains run after run. It is a plain class; the driver makes it
-a Ray actor. `run` trains one run and writes its shard atomically; it returns only a small summary.
+a Ray actor. `run` trains one run and writes its shard atomically; it returns only a small summary,
+or, when the run fails on its own, why, as data. torch is imported only by workers that train
+torch models.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import time
@@ -15,24 +18,35 @@ import traceback
 import numpy as np
 
 from . import shard as shard_format
-from .datasets import Dataset, resolve
+from .datasets import Dataset, DatasetError, dataset_fingerprint, load_dataset, resolve
 from .models import model_factory
+from .options import SetupError
+from .results import RunFailed, RunOutput, run_plugin_trainer
 from .storage import StorageError
-from .training import DeviceData, RunFailed, RunOutput, run_plugin_trainer, train_run
 
 
 def library_versions() -> dict:
-    import pyarrow
-    import torch
-
     from importlib.metadata import PackageNotFoundError, version
 
+    import pyarrow
+
+    out = {"python": platform.python_version(), "numpy": np.__version__, "pyarrow": pyarrow.__version__}
+    for package in ("longtail", "torch"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:  # pragma: no cover
+            out[package] = "unknown"
+    return out
+
+
+def _node_id() -> str:
+    """The Ray node this worker runs on, when it runs in Ray (recorded in every shard)."""
     try:
-        longtail = version("longtail")
-    except PackageNotFoundError:  # pragma: no cover
-        longtail = "unknown"
-    return {"longtail": longtail, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "pyarrow": pyarrow.__version__}
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # pragma: no cover - outside Ray or an older API
+        return ""
 
 
 class RunWorker:
@@ -40,12 +54,6 @@ class RunWorker:
                  use_gpu: bool = False):
         """Load the dataset the spec names (each worker reads it where it runs: no copy of the data
         travels through the driver) and check that it is the one the campaign was created with."""
-        import torch
-
-        from .datasets import DatasetError, dataset_fingerprint, load_dataset
-
-        torch.set_num_threads(max(1, threads))
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         dataset = load_dataset(spec["dataset"])
         found = dataset_fingerprint(dataset)
         if found != fingerprint:
@@ -59,19 +67,29 @@ class RunWorker:
         self.soft = list(spec["estimates"]["soft"])
         trainer = self.train.get("trainer", "")
         self.trainer = resolve(trainer, "trainer") if trainer else None
-        self.data = None if self.trainer else DeviceData.from_dataset(dataset, self.device)
-        self.build = None if self.trainer else model_factory(spec["model"])
+        self.device = "cpu"
+        if self.trainer is None:
+            import torch
+
+            from .training import DeviceData
+
+            torch.set_num_threads(max(1, threads))
+            device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+            self.device = str(device)
+            self.data = DeviceData.from_dataset(dataset, device)
+            self.build = model_factory(spec["model"])
         self.host = socket.gethostname()
+        self.node = _node_id()
         self.versions = library_versions()
 
-    def ping(self) -> str:
-        return self.host
+    def ping(self) -> dict:
+        return {"host": self.host, "node": self.node, "pid": os.getpid()}
 
     def run(self, run: int, packed_mask: np.ndarray, seed: int, shard_path: str) -> dict:
         """Train run `run` and write its shard; a run that fails on its own returns why, as data."""
         try:
             return self._run(run, packed_mask, seed, shard_path)
-        except Exception as e:  # recorded by the driver in failed/; worker deaths are Ray's to retry
+        except Exception as e:  # recorded by the driver in failed/; worker deaths are the driver's to retry
             return {"run": run, "failed": True, "reason": f"{type(e).__name__}: {e}".splitlines()[0][:500],
                     "traceback": traceback.format_exc(), "host": self.host,
                     # storage trouble (disk full, permissions) is not the run's fault: the driver stops
@@ -85,11 +103,13 @@ class RunWorker:
         if self.trainer is not None:
             out: RunOutput = run_plugin_trainer(self.trainer, ds, train_idx, seed, self.train["trainer"])
         else:
+            from .training import train_run
+
             out = train_run(self.build, self.data, train_idx, seed, self.train)
         train_ok = out.train_pred == ds.y_train
         summary = {
-            "run": run, "seed": seed, "host": self.host, "device": str(self.device),
-            "train_seconds": round(out.train_seconds, 4),
+            "run": run, "seed": seed, "host": self.host, "node": self.node, "pid": os.getpid(),
+            "device": self.device, "train_seconds": round(out.train_seconds, 4),
             "test_acc": float((out.test_pred == ds.y_test).mean()),
             "train_acc_in": float(train_ok[mask].mean()),
             "train_acc_out": float(train_ok[~mask].mean()),
@@ -125,8 +145,8 @@ def preflight(spec: dict, dataset: Dataset) -> None:
         with torch.no_grad():
             out = model.eval()(x)
     except Exception as e:
-        raise ValueError(f"model {spec['model']['name']!r} cannot take inputs of shape {tuple(x.shape)} from "
+        raise SetupError(f"model {spec['model']['name']!r} cannot take inputs of shape {tuple(x.shape)} from "
                          f"dataset {spec['dataset']['name']!r}: {type(e).__name__}: {e}") from None
     if tuple(out.shape) != (2, dataset.num_classes):
-        raise ValueError(f"model {spec['model']['name']!r} returned shape {tuple(out.shape)} for 2 inputs; "
+        raise SetupError(f"model {spec['model']['name']!r} returned shape {tuple(out.shape)} for 2 inputs; "
                          f"expected (2, {dataset.num_classes}) logits")

@@ -1,0 +1,122 @@
+"""The campaign's workers on Ray: long-lived actors, replaced when they die, added when nodes join.
+
+Actors are created without Ray's own restarts or task retries: when one dies (its process killed,
+its node gone), every run it held comes back to the driver as an error, is put back at the front of
+the queue and retried on another worker, at most `max_retries` times, and a replacement actor is
+started wherever Ray finds room. A run is therefore retried exactly when, and as often as, the
+driver decides, and the decision is visible in its log.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from .campaign import Campaign, CampaignError
+
+# Constructor failures tolerated (a bad node, a transient error) before the campaign is stopped.
+MAX_START_FAILURES = 3
+
+
+@dataclass
+class Slot:
+    actor: object
+    name: str
+    ping: object | None  # ObjectRef of the start-up ping, None once the actor is ready
+    load: int = 0
+    dead: bool = False
+    info: dict = field(default_factory=dict)
+
+
+class WorkerPool:
+    def __init__(self, ray, campaign: Campaign, say):
+        from workers.worker import RunWorker
+
+        self.ray = ray
+        self.c = campaign
+        self.say = say
+        self.res = campaign.spec.resources
+        self.actor_cls = ray.remote(RunWorker)
+        self.spec = campaign.spec.to_dict()
+        self.slots: list[Slot] = []
+        self.start_failures: list[str] = []
+        self._ids = itertools.count()
+
+    # --- size -------------------------------------------------------------------------------------
+
+    def fit(self) -> int:
+        """How many workers the cluster's current resources hold ([resources] workers, or as many as fit)."""
+        res = self.res
+        total = self.ray.cluster_resources()
+        fit = int(total.get("CPU", 0) // res.cpus_per_worker) if res.cpus_per_worker else 1
+        if res.gpus_per_worker:
+            gpus = total.get("GPU", 0)
+            if gpus == 0:
+                raise CampaignError(f"[resources] gpus_per_worker = {res.gpus_per_worker} but the cluster has no "
+                                    f"GPU; set gpus_per_worker = 0 to train on CPUs")
+            fit = min(fit, int(gpus // res.gpus_per_worker))
+        if fit == 0:
+            raise CampaignError(f"the cluster ({total.get('CPU', 0):g} CPUs) cannot fit one worker of "
+                                f"{res.cpus_per_worker:g} CPUs; lower [resources] cpus_per_worker")
+        return res.workers or fit
+
+    def live(self) -> list[Slot]:
+        return [s for s in self.slots if not s.dead]
+
+    def ready(self) -> list[Slot]:
+        return [s for s in self.slots if not s.dead and s.ping is None]
+
+    def grow_to(self, target: int) -> int:
+        """Start actors until `target` are alive (starting or ready); returns how many were started."""
+        started = 0
+        while len(self.live()) < target:
+            k = next(self._ids)
+            name = f"longtail:{self.c.name}:worker-{k}"
+            actor = self.actor_cls.options(
+                name=name, num_cpus=self.res.cpus_per_worker, num_gpus=self.res.gpus_per_worker,
+                max_restarts=0, max_task_retries=0,
+            ).remote(self.spec, self.c.name, self.c.spec.result_hash(), self.c.fingerprint,
+                     max(1, int(self.res.cpus_per_worker)), self.res.gpus_per_worker > 0)
+            self.slots.append(Slot(actor=actor, name=name, ping=actor.ping.remote()))
+            started += 1
+        return started
+
+    # --- life cycle -------------------------------------------------------------------------------
+
+    def poll(self, timeout: float = 0.0) -> None:
+        """Move actors whose start-up finished to ready; drop (and report) those that failed to start."""
+        starting = {s.ping: s for s in self.slots if not s.dead and s.ping is not None}
+        if not starting:
+            return
+        done, _ = self.ray.wait(list(starting), num_returns=len(starting), timeout=timeout)
+        for ref in done:
+            slot = starting[ref]
+            try:
+                slot.info = self.ray.get(ref)
+                slot.ping = None
+            except Exception as e:  # its constructor failed (no dataset on that node, an import error, ...)
+                cause = getattr(e, "cause", None) or e
+                why = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+                self.kill(slot)
+                self.start_failures.append(why)
+                starting_left = any(not s.dead and s.ping is not None for s in self.slots)
+                if len(self.start_failures) >= MAX_START_FAILURES or not (self.ready() or starting_left):
+                    raise CampaignError(f"the workers could not start: {why}") from None
+                self.say(f"a worker could not start ({why}); replacing it")
+
+    def wait_ready(self) -> None:
+        """Block until at least one worker is ready (the first start imports torch and loads the data)."""
+        while not self.ready():
+            self.poll(timeout=1.0)
+
+    def kill(self, slot: Slot) -> None:
+        slot.dead = True
+        try:
+            self.ray.kill(slot.actor)
+        except Exception:  # already gone
+            pass
+
+    def shutdown(self) -> None:
+        for slot in self.slots:
+            if not slot.dead:
+                self.kill(slot)
