@@ -256,7 +256,7 @@ def _worker_died(pool, slot, run: int, attempts: dict, queue: deque, campaign: C
 
 def _check_failure_budget(campaign: Campaign, report: RunReport) -> None:
     budget = campaign.spec.resources.max_failures
-    limit = budget if budget >= 1 else max(1, int(budget * campaign.plan.runs))
+    limit = int(budget) if budget >= 1 else max(1, int(budget * campaign.plan.runs))
     if len(report.failed_now) > limit:
         raise CampaignError(
             f"{len(report.failed_now)} runs failed in this session, more than the failure budget ([resources] "

@@ -13,6 +13,8 @@ import socket
 import time
 from pathlib import Path
 
+from workers.storage import StorageError
+
 
 class LockedError(RuntimeError):
     pass
@@ -55,29 +57,32 @@ class DriverLock:
         return ""
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(e.errno, f"cannot write {self.path.parent}: {e.strerror}") from None
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder = self.holder()
-                why = self._is_stale(holder)
-                if not why:
-                    raise LockedError(
-                        f"another driver is running this campaign: pid {holder.get('pid')} on host "
-                        f"{holder.get('host')}, started {holder.get('started')} (lock {self.path}). Stop it first "
-                        f"(longtail status shows its progress), or wait for it to finish.") from None
-                self.note = f"took over the lock {self.path}: {why}"
-                try:
-                    self.path.unlink()
-                except FileNotFoundError:
-                    pass
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return
+                pass
+            except OSError as e:
+                raise StorageError(e.errno, f"cannot write {self.path}: {e.strerror}") from None
+            else:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+                self.held = True
+                return
+            holder = self.holder()
+            why = self._is_stale(holder)
+            if not why:
+                raise LockedError(
+                    f"another driver is running this campaign: pid {holder.get('pid')} on host "
+                    f"{holder.get('host')}, started {holder.get('started')} (lock {self.path}). Stop it first "
+                    f"(longtail status shows its progress), or wait for it to finish.")
+            self.note = f"took over the lock {self.path}: {why}"
+            self.path.unlink(missing_ok=True)
         raise LockedError(f"could not take the lock {self.path}: another driver keeps taking it")
 
     def heartbeat(self) -> None:

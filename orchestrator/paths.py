@@ -111,5 +111,10 @@ class CampaignPaths:
         return self.root / "report" / "index.html"
 
     def make_dirs(self) -> None:
+        from workers.storage import StorageError
+
         for d in (self.root, self.plan_dir, self.runs_dir, self.failed_dir, self.state_dir, self.estimates_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StorageError(e.errno, f"cannot create {d}: {e.strerror}") from None

@@ -26,7 +26,8 @@ def ray_session():
 
     tmp = tempfile.mkdtemp(prefix="lt-ray-")  # short: Ray's socket paths must stay under 107 characters
     os.environ["RAY_TMPDIR"] = tmp
-    pythonpath = os.pathsep.join([str(ROOT), str(ROOT / "examples"), os.environ.get("PYTHONPATH", "")])
+    pythonpath = os.pathsep.join([str(ROOT), str(ROOT / "examples"), str(ROOT / "tests"),
+                                  os.environ.get("PYTHONPATH", "")])
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              logging_level="WARNING", _temp_dir=tmp,
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
