@@ -9,6 +9,7 @@ a larger [campaign] runs) are taken from the new spec and the frozen file is upd
 from __future__ import annotations
 
 import json
+import re
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,19 @@ class Campaign:
                     failed.add(int(entry.name[4:-5]))
         return failed
 
+    def failure_reasons(self) -> dict[str, int]:
+        """How many recorded failures share each reason (numbers in it replaced by #, so that "seed 12 is odd"
+        and "seed 31 is odd" count as one)."""
+        counts: dict[str, int] = {}
+        for run in self.failed_runs():
+            try:
+                reason = json.loads(self.paths.failure(run).read_text()).get("reason", "unknown")
+            except (OSError, ValueError):
+                reason = "unreadable failure record"
+            key = re.sub(r"\d+(\.\d+)?", "#", reason)[:160]
+            counts[key] = counts.get(key, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
     def sweep_temporaries(self) -> list[Path]:
         """Remove files a crashed writer left behind under temporary names; return what was removed."""
         removed = []
@@ -113,7 +127,7 @@ class Campaign:
                   self.paths.root):
             if d.exists():
                 for entry in os.scandir(d):
-                    if entry.is_file() and is_temporary(entry.name):
+                    if entry.is_file() and (is_temporary(entry.name) or entry.name.startswith(".probe-")):
                         os.unlink(entry.path)
                         removed.append(Path(entry.path))
         return removed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -105,20 +106,35 @@ def _human(n: float) -> str:
     return f"{n:.1f} PB"
 
 
-def _run(spec: specs.Spec | None, out: Path, address: str | None, progress: bool, top: int) -> None:
+def _run(spec: specs.Spec | None, out: Path, address: str | None, progress: bool, top: int,
+         dashboard_host: str = "127.0.0.1") -> None:
     from .campaign import create_or_open
     from .driver import CampaignInterrupted, run_campaign
 
+    out = Path(os.path.expanduser(str(out)))
+    _stop_on_sigterm()
     try:
         campaign = create_or_open(spec, out)
         for note in campaign.notes:
             click.echo(f"longtail: {note}", err=True)
-        report = run_campaign(campaign, address=address, progress=progress)
+        report = run_campaign(campaign, address=address, progress=progress, dashboard_host=dashboard_host)
     except CampaignInterrupted as e:
         _fail(str(e), 130)
     except _errors() as e:
         _fail(str(e))
     _print_result(campaign.paths, report.summary, top, report)
+
+
+def _stop_on_sigterm() -> None:
+    """`ray job stop` and `kill` send SIGTERM: save the fold and exit as on Ctrl-C, not abruptly."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def _print_result(paths, summary: dict, top: int, report=None) -> None:
@@ -187,14 +203,18 @@ def show_top(paths, k: int) -> None:
               help="join the Ray cluster at ADDR (e.g. 10.0.0.10:6379) instead of starting a local one")
 @click.option("--progress/--no-progress", default=True, help="show the progress display")
 @click.option("--top", default=10, show_default=True, help="print the TOP most memorized examples at the end")
-def run(spec_file, out, address, progress, top):
+@click.option("--dashboard-host", default="127.0.0.1", show_default=True,
+              help="interface the embedded cluster's dashboard listens on; anything but loopback exposes it "
+                   "to the network, protected only by Ray's token")
+def run(spec_file, out, address, progress, top, dashboard_host):
     """Run the campaign SPEC_FILE describes; continue it if it already exists.
 
-    Starts an embedded local Ray (dashboard on 127.0.0.1) unless --address is given. Finished runs
-    are never trained again; estimates/ is updated while the campaign runs.
+    Starts an embedded local Ray (dashboard on 127.0.0.1) unless --address is given (or the
+    RAY_ADDRESS of a Ray job is set). Finished runs are never trained again; estimates/ is updated
+    while the campaign runs.
     """
     spec = _load_spec(spec_file)
-    _run(spec, Path(out) if out else _default_out(spec), address, progress, top)
+    _run(spec, Path(out) if out else _default_out(spec), address, progress, top, dashboard_host)
 
 
 @main.command()
@@ -208,13 +228,20 @@ def resume(campaign_dir, address, progress, top):
 
 
 @main.command()
-@click.argument("campaign_dir", type=click.Path(file_okay=False, exists=True))
+@click.argument("target")
+@click.option("--address", default=None, envvar="RAY_API_SERVER_ADDRESS",
+              help="the cluster's job API (http://HEAD:8265) when TARGET is a submission id")
 @click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON")
-def status(campaign_dir, as_json):
-    """How far the campaign in CAMPAIGN_DIR is: runs done, folded, failed, and its driver."""
+def status(target, address, as_json):
+    """How far a campaign is. TARGET is a campaign directory (runs done, folded, failed, its driver,
+    the paper's figures) or, with --address, the submission id of a campaign submitted as a Ray job."""
+    if not Path(target).is_dir() and address:
+        _job_status(target, address, as_json)
+        return
     from .campaign import create_or_open
     from .lock import DriverLock
 
+    campaign_dir = target
     try:
         c = create_or_open(None, campaign_dir, load_data=False)
     except _errors() as e:
@@ -224,7 +251,7 @@ def status(campaign_dir, as_json):
     summary = json.loads(c.paths.summary.read_text()) if c.paths.summary.exists() else {}
     holder = DriverLock(c.paths.lock).holder() if c.paths.lock.exists() else None
     info = {"campaign": c.name, "directory": str(c.paths.root), "runs_planned": c.plan.runs,
-            "runs_finished": len(finished), "runs_failed": len(failed),
+            "runs_finished": len(finished), "runs_failed": len(failed), "failure_reasons": c.failure_reasons(),
             "runs_folded": summary.get("runs", {}).get("folded", 0), "complete": summary.get("complete", False),
             "target_se": summary.get("target_se"), "stopped_early": summary.get("stopped_early"), "driver": holder}
     if as_json:
@@ -242,10 +269,102 @@ def status(campaign_dir, as_json):
     if summary.get("stopped_early"):
         click.echo(f"  stopped early: {summary['stopped_early']}")
     if failed:
-        click.echo(f"  failures: {c.paths.failed_dir}/ (retried by `longtail resume {c.paths.root}`)")
+        reasons = "; ".join(f"{n} x {why}" for why, n in c.failure_reasons().items())
+        click.echo(f"  failures: {reasons} (details in {c.paths.failed_dir}/; `longtail resume {c.paths.root}` "
+                   f"retries them)")
     _print_figures(summary)
     if len(finished) < c.plan.runs and not holder:
         click.echo(f"  continue with: longtail resume {c.paths.root}")
+
+
+def _job_status(submission_id: str, address: str, as_json: bool) -> None:
+    from . import jobs
+
+    try:
+        info = jobs.info(address, submission_id)
+        progress = jobs.last_progress(jobs.logs(address, submission_id))
+    except jobs.JobError as e:
+        _fail(str(e))
+    status = str(info.status.value) if hasattr(info.status, "value") else str(info.status)
+    meta = info.metadata or {}
+    out = {"submission_id": submission_id, "status": status, "message": info.message,
+           "campaign": meta.get("longtail_campaign"), "directory": meta.get("longtail_out"),
+           "start_time": info.start_time, "end_time": info.end_time, "last_progress": progress}
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    else:
+        click.echo(f"job {submission_id}: {status}" + (f" ({info.message})" if info.message else ""))
+        click.echo(f"  campaign {out['campaign']!r} in {out['directory']} on the cluster")
+        if progress:
+            click.echo(f"  {progress}")
+    if status == "FAILED":
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("spec_file", type=click.Path(dir_okay=False))
+@click.option("--address", required=True, envvar="RAY_API_SERVER_ADDRESS",
+              help="the cluster's job API, e.g. http://127.0.0.1:8265 through an SSH tunnel to the head")
+@click.option("--out", default=None,
+              help="campaign directory on the cluster (default: ~/longtail-campaigns/<name> on the head); "
+                   "an existing campaign there is continued")
+@click.option("--module", "modules", multiple=True, type=click.Path(exists=True),
+              help="another local module or package to ship with the job (plug-ins named in the spec are "
+                   "found and shipped automatically)")
+def submit(spec_file, address, out, modules):
+    """Submit the campaign SPEC_FILE describes to a Ray cluster as a job, and return.
+
+    The job runs `longtail run` on the head node; its progress lines appear in the dashboard's Jobs
+    view and in `longtail logs`. Submitting again after a stop resumes the same campaign."""
+    from . import jobs
+
+    spec = _load_spec(spec_file)
+    out = out or f"~/longtail-campaigns/{spec.campaign.name}"
+    try:
+        submission_id = jobs.submit(spec, address, out, list(modules))
+    except jobs.JobError as e:
+        _fail(str(e))
+    click.echo(f"submitted campaign {spec.campaign.name!r} as job {submission_id}")
+    click.echo(f"campaign directory on the cluster: {out}")
+    click.echo("next:")
+    for cmd in (f"longtail status {submission_id} --address {address}",
+                f"longtail logs {submission_id} --address {address} --follow",
+                f"longtail stop {submission_id} --address {address}"):
+        click.echo(f"  {cmd}")
+
+
+@main.command()
+@click.argument("submission_id")
+@click.option("--address", required=True, envvar="RAY_API_SERVER_ADDRESS", help="the cluster's job API")
+@click.option("--follow", "-f", is_flag=True, help="keep printing until the job ends")
+def logs(submission_id, address, follow):
+    """Print the driver log of a submitted campaign."""
+    from . import jobs
+
+    try:
+        if follow:
+            for chunk in jobs.follow(address, submission_id):
+                click.echo(chunk, nl=False)
+        else:
+            click.echo(jobs.logs(address, submission_id), nl=False)
+    except jobs.JobError as e:
+        _fail(str(e))
+
+
+@main.command()
+@click.argument("submission_id")
+@click.option("--address", required=True, envvar="RAY_API_SERVER_ADDRESS", help="the cluster's job API")
+def stop(submission_id, address):
+    """Stop a submitted campaign. Finished runs are kept; submit the spec again to resume it."""
+    from . import jobs
+
+    try:
+        final = jobs.stop(address, submission_id)
+    except jobs.JobError as e:
+        _fail(str(e))
+    click.echo(f"job {submission_id}: {final}")
+    if final not in jobs.TERMINAL:
+        _fail(f"the job did not stop within 60 s; check `longtail status {submission_id} --address {address}`", 1)
 
 
 @main.command()

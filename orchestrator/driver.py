@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from workers.shard import ShardError
-from workers.storage import atomic_write_text
+from workers.storage import atomic_write_bytes, atomic_write_text
 
 from .aggregate import Aggregator
 from .campaign import Campaign, CampaignError
@@ -95,12 +95,20 @@ def fold_existing(campaign: Campaign, agg: Aggregator, report: RunReport) -> set
     return done
 
 
-def _ray_init(address: str | None, campaign: Campaign):
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _ray_init(address: str | None, campaign: Campaign, dashboard_host: str = "127.0.0.1"):
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return ray, False, None
+    if not address and os.environ.get("RAY_ADDRESS"):
+        # a Ray job's driver (longtail submit): join the job's cluster; the job's runtime environment
+        # (the shipped working directory) already reaches every worker
+        ctx = ray.init(log_to_driver=False, logging_level="WARNING")
+        return ray, True, getattr(ctx, "dashboard_url", None)
     # Workers import the driver's plug-ins: they see its import path (a cluster whose nodes lack
     # these paths needs the code installed there, see docs/plugins.md).
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
@@ -109,13 +117,20 @@ def _ray_init(address: str | None, campaign: Campaign):
     else:
         cpus = campaign.spec.resources.local_cpus or None
         # The embedded cluster binds the dashboard to loopback: it is protected by nothing but Ray's token.
-        ctx = ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+        if dashboard_host not in LOOPBACK:
+            _say("WARNING " + "!" * 60)
+            _say(f"WARNING: the Ray dashboard and job API will listen on {dashboard_host}, reachable from the "
+                 f"network, and protected by nothing but Ray's token (~/.ray/auth_token). Anyone with the token "
+                 f"can run code on this machine. Prefer the default 127.0.0.1 and an SSH tunnel.")
+            _say("WARNING " + "!" * 60)
+        ctx = ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host=dashboard_host,
                        log_to_driver=False, logging_level="WARNING", runtime_env=runtime_env)
     url = getattr(ctx, "dashboard_url", None)
     return ray, True, (f"http://{url}" if url and not url.startswith("http") else url)
 
 
-def run_campaign(campaign: Campaign, address: str | None = None, progress: bool = True) -> RunReport:
+def run_campaign(campaign: Campaign, address: str | None = None, progress: bool = True,
+                 dashboard_host: str = "127.0.0.1") -> RunReport:
     """Train what is missing, fold everything exactly once, write estimates/. Resumable at any point."""
     start = time.monotonic()
     lock = DriverLock(campaign.paths.lock)
@@ -135,7 +150,7 @@ def run_campaign(campaign: Campaign, address: str | None = None, progress: bool 
             todo = []
         try:
             if todo:
-                _dispatch(campaign, agg, todo, done, report, address, progress, lock)
+                _dispatch(campaign, agg, todo, done, report, address, progress, lock, dashboard_host)
         except KeyboardInterrupt:
             agg.save_checkpoint()
             write_estimates(agg, complete=False, final=False)
@@ -148,7 +163,8 @@ def run_campaign(campaign: Campaign, address: str | None = None, progress: bool 
         report.failed = sorted(campaign.failed_runs())
         complete = bool(agg.folded.all()) or report.stopped_early
         report.seconds = time.monotonic() - start
-        extra = {"failed_runs": len(report.failed)}
+        extra = {"failed_runs": len(report.failed), "failure_reasons": campaign.failure_reasons(),
+                 "retried_runs": report.retried}
         if report.stopped_early:
             extra["stopped_early"] = report.stop_reason
         report.summary = write_estimates(agg, complete=complete, final=True, extra=extra)
@@ -169,13 +185,16 @@ def _target_reached(campaign: Campaign, agg: Aggregator, report: RunReport) -> b
 
 
 def _dispatch(campaign: Campaign, agg: Aggregator, todo: list[int], done: set[int], report: RunReport,
-              address: str | None, show_progress: bool, lock: DriverLock) -> None:
+              address: str | None, show_progress: bool, lock: DriverLock, dashboard_host: str) -> None:
+    from .metrics import CampaignMetrics
     from .pool import WorkerPool
 
-    ray, owned, report.dashboard_url = _ray_init(address, campaign)
+    ray, owned, report.dashboard_url = _ray_init(address, campaign, dashboard_host)
     res, e = campaign.spec.resources, campaign.spec.estimates
     plan, paths = campaign.plan, campaign.paths
-    pool = WorkerPool(ray, campaign, _say)
+    probe = paths.state_dir / f".probe-{os.getpid()}-{time.time_ns()}"
+    atomic_write_text(probe, "a worker that can read this file sees the campaign directory\n")
+    pool = WorkerPool(ray, campaign, _say, str(probe))
     queue = deque(todo)
     attempts: dict[int, int] = {}  # worker deaths per run
     in_flight: dict = {}  # ObjectRef -> (run, slot)
@@ -186,6 +205,8 @@ def _dispatch(campaign: Campaign, agg: Aggregator, todo: list[int], done: set[in
              f"({len(done)} of {plan.runs} already done)"
              + (f"; Ray dashboard at {report.dashboard_url}" if report.dashboard_url else ""))
         bar = Progress(total=plan.runs, done=len(done), enabled=show_progress)
+        metrics = CampaignMetrics(campaign.name)
+        share = None
         last_checkpoint = last_resize = first_dispatch = time.monotonic()
         try:
             while queue or in_flight:
@@ -193,7 +214,11 @@ def _dispatch(campaign: Campaign, agg: Aggregator, todo: list[int], done: set[in
                 ready_slots = pool.ready()
                 per_worker = max(1, (res.max_in_flight or 2 * len(ready_slots)) // max(1, len(ready_slots)))
                 for slot in ready_slots:
-                    while queue and slot.load < per_worker:
+                    while queue and slot.load < per_worker and not slot.isolated:
+                        if queue[0] in attempts:  # a suspect runs alone: if its worker dies, it is the cause
+                            if slot.load:
+                                break
+                            slot.isolated = True
                         r = queue.popleft()
                         ref = slot.actor.run.remote(r, plan.masks[r], int(plan.seeds[r]), str(paths.shard(r)))
                         in_flight[ref] = (r, slot)
@@ -204,6 +229,7 @@ def _dispatch(campaign: Campaign, agg: Aggregator, todo: list[int], done: set[in
                 for ref in finished:
                     r, slot = in_flight.pop(ref)
                     slot.load -= 1
+                    slot.isolated = False
                     outcome = _collect(ray, ref, r, campaign, agg, report)
                     if outcome == "folded":
                         done.add(r)
@@ -211,6 +237,8 @@ def _dispatch(campaign: Campaign, agg: Aggregator, todo: list[int], done: set[in
                         _worker_died(pool, slot, r, attempts, queue, campaign, report)
                 _check_failure_budget(campaign, report)
                 bar.update(len(done), len(report.failed_now), len(in_flight))
+                metrics.update(report.trained, len(report.failed_now), report.retried, len(in_flight), bar.rate(),
+                               len(done) / plan.runs, share)
                 now = time.monotonic()
                 if now - last_resize >= RESIZE_SECONDS and queue:  # nodes that joined get work too
                     started = pool.grow_to(min(pool.fit(), len(pool.live()) + len(queue)))
@@ -222,6 +250,7 @@ def _dispatch(campaign: Campaign, agg: Aggregator, todo: list[int], done: set[in
                     write_estimates(agg, complete=False, final=False)
                     lock.heartbeat()
                     last_checkpoint = now
+                    share = agg.share_at_target()
                     if queue and _target_reached(campaign, agg, report):
                         queue.clear()  # runs in flight finish and are folded; nothing new is dispatched
             report.training_seconds = time.monotonic() - first_dispatch
@@ -229,15 +258,20 @@ def _dispatch(campaign: Campaign, agg: Aggregator, todo: list[int], done: set[in
             bar.close()
             pool.shutdown()
     finally:
+        probe.unlink(missing_ok=True)
         if owned:
             ray.shutdown()
 
 
-RESIZE_SECONDS = 5.0
+RESIZE_SECONDS = 2.0
 
 
 def _worker_died(pool, slot, run: int, attempts: dict, queue: deque, campaign: Campaign, report: RunReport):
-    """Retry the run elsewhere (bounded), and replace the worker once."""
+    """Retry the run elsewhere (bounded), and replace the worker once.
+
+    Every run the dead worker held is charged one attempt, since any of them may have killed it; a
+    charged run is retried alone on an idle worker, so that a run that keeps killing workers uses up
+    its attempts while the runs that merely shared its worker succeed on their retry."""
     limit = campaign.spec.resources.max_retries
     attempts[run] = attempts.get(run, 0) + 1
     report.retried += 1
@@ -294,6 +328,8 @@ def _collect(ray, ref, run: int, campaign: Campaign, agg: Aggregator, report: Ru
         record_failure(campaign, run, result["reason"], result["traceback"], host=result["host"])
         report.failed_now.append(run)
         return "failed"
+    if "shard" in result:  # a worker that cannot see the campaign directory sent the shard's bytes
+        atomic_write_bytes(campaign.paths.shard(run), result.pop("shard"))
     try:
         data = agg.read(run)
     except ShardError as e:

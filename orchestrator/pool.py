@@ -25,11 +25,12 @@ class Slot:
     ping: object | None  # ObjectRef of the start-up ping, None once the actor is ready
     load: int = 0
     dead: bool = False
+    isolated: bool = False  # running a run whose earlier worker died, alone, to find out if it is the cause
     info: dict = field(default_factory=dict)
 
 
 class WorkerPool:
-    def __init__(self, ray, campaign: Campaign, say):
+    def __init__(self, ray, campaign: Campaign, say, probe: str = ""):
         from workers.worker import RunWorker
 
         self.ray = ray
@@ -39,6 +40,8 @@ class WorkerPool:
         self.actor_cls = ray.remote(RunWorker)
         self.spec = campaign.spec.to_dict()
         self.slots: list[Slot] = []
+        self.probe = probe
+        self.indirect_hosts: set[str] = set()
         self.start_failures: list[str] = []
         self._ids = itertools.count()
 
@@ -76,7 +79,8 @@ class WorkerPool:
                 name=name, num_cpus=self.res.cpus_per_worker, num_gpus=self.res.gpus_per_worker,
                 max_restarts=0, max_task_retries=0,
             ).remote(self.spec, self.c.name, self.c.spec.result_hash(), self.c.fingerprint,
-                     max(1, int(self.res.cpus_per_worker)), self.res.gpus_per_worker > 0)
+                     max(1, int(self.res.cpus_per_worker)), self.res.gpus_per_worker > 0, self.probe,
+                     self.res.ship_shards)
             self.slots.append(Slot(actor=actor, name=name, ping=actor.ping.remote()))
             started += 1
         return started
@@ -94,6 +98,12 @@ class WorkerPool:
             try:
                 slot.info = self.ray.get(ref)
                 slot.ping = None
+                host = slot.info.get("host", "?")
+                if not slot.info.get("direct", True) and host not in self.indirect_hosts:
+                    self.indirect_hosts.add(host)
+                    if self.res.ship_shards == "auto":
+                        self.say(f"workers on {host} cannot see {self.c.paths.root}: their shards travel through "
+                                 f"Ray's object store and the driver writes them")
             except Exception as e:  # its constructor failed (no dataset on that node, an import error, ...)
                 cause = getattr(e, "cause", None) or e
                 why = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__

@@ -116,6 +116,10 @@ class ResourcesSection:
     max_failures: float = option(0.1, "failure budget: the campaign stops when more runs fail in one session; "
                                  "below 1 a share of the planned runs, from 1 a number of runs", _positive,
                                  "a number > 0", affects_results=False)
+    ship_shards: str = option("auto", "how shards reach the campaign directory: 'auto' (workers write them where "
+                              "they can see the directory, others send them to the driver through Ray's object "
+                              "store) or 'driver' (always through the driver)", lambda v: v in ("auto", "driver"),
+                              "'auto' or 'driver'", affects_results=False)
     local_cpus: int = option(0, "CPUs of the embedded local Ray (ignored with --address); 0 = all of this machine",
                              _nonnegative, "an integer >= 0", affects_results=False)
 
@@ -206,12 +210,17 @@ class Spec:
         }
 
     def result_keys(self) -> dict[str, Any]:
-        """The flattened keys that change what a run produces (dataset, model and plug-in options included)."""
+        """The flattened keys that change what a run produces (dataset, model and plug-in options included;
+        options a built-in marks as not changing results, such as where its files are, left out)."""
+        from workers.datasets import DATASET_OPTIONS
+        from workers.models import MODEL_OPTIONS
+
+        builtin = {"dataset": DATASET_OPTIONS.get(self.dataset.name), "model": MODEL_OPTIONS.get(self.model.name)}
         flat = {}
         for section, values in self.to_dict().items():
-            cls = SECTIONS[section]
+            cls = SECTIONS[section] or builtin.get(section)
             for key, value in values.items():
-                if cls is not None and not _field(cls, key).metadata["affects_results"]:
+                if cls is not None and key != "name" and not _field(cls, key).metadata["affects_results"]:
                     continue
                 flat[f"{section}.{key}"] = value
         return flat

@@ -55,7 +55,7 @@ def main(spec_path: str, out: str) -> None:
         time.sleep(0.1)
     events.append({"removed_node_at_shard": shards(out)})
     cluster.remove_node(doomed, allow_graceful=False)
-    while thread.is_alive() and shards(out) < 45:
+    while thread.is_alive() and shards(out) < 30:
         time.sleep(0.1)
     added = cluster.add_node(num_cpus=2)
     events.append({"added_node_at_shard": shards(out), "added_node": added.node_id})

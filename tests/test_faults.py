@@ -140,9 +140,22 @@ def test_worker_killed_mid_run(ray_session, tmp_path, tmp_path_factory):
     assert_same_estimates(c.paths.root, undisturbed(tmp_path_factory, 40))
 
 
+def test_a_run_that_keeps_killing_its_worker_fails_after_max_retries(ray_session, tmp_path):
+    text = spec_text(runs=6, max_failures=6).replace('"fault_plugins:knn"', '"fault_plugins:knn_dies_always"')
+    c = create_or_open(specs.loads(text + "\n", "s.toml").replace(
+        resources=specs.ResourcesSection(max_retries=1, max_failures=6)), tmp_path / "c")
+    report = run_campaign(c, progress=False)
+    odd = [r for r in range(6) if c.plan.seeds[r] % 2]
+    assert odd and report.failed == odd and report.trained == 6 - len(odd)
+    reason = json.loads(c.paths.failure(odd[0]).read_text())["reason"]
+    assert "its worker died 2 times" in reason and "max_retries = 1" in reason
+    reasons = json.loads(c.paths.summary.read_text())["failure_reasons"]
+    assert list(reasons.values()) == [len(odd)] and "its worker died # times" in next(iter(reasons))
+
+
 def test_node_removed_and_added_mid_campaign(tmp_path, tmp_path_factory):
-    runs = 90
-    spec = write_spec(tmp_path / "s.toml", runs=runs, dataset="sleep = 0.15")
+    runs = 120
+    spec = write_spec(tmp_path / "s.toml", runs=runs, dataset="sleep = 0.25")
     env = dict(os.environ)
     env.pop("RAY_TMPDIR", None)  # the script makes its own; this session's Ray must not be touched
     p = subprocess.run([sys.executable, str(ROOT / "tests" / "cluster_script.py"), str(spec), str(tmp_path / "c")],
@@ -158,6 +171,30 @@ def test_node_removed_and_added_mid_campaign(tmp_path, tmp_path_factory):
     nodes = [json.loads(pq.read_schema(f).metadata[b"longtail"])["node"] for f in (tmp_path / "c" / "runs").glob("*")]
     assert result["added_node"] in nodes  # the node that joined got work
     assert_same_estimates(tmp_path / "c", undisturbed(tmp_path_factory, runs))
+
+
+def test_shards_shipped_through_the_driver(ray_session, tmp_path, tmp_path_factory):
+    """What happens for workers on nodes that cannot see the campaign directory, forced for all."""
+    text = spec_text(runs=30).replace("[resources]", '[resources]\nship_shards = "driver"')
+    c = create_or_open(specs.loads(text, "s.toml"), tmp_path / "c")
+    run_campaign(c, progress=False)
+    assert_every_run_once(c.paths.root, 30)
+    assert_same_estimates(c.paths.root, undisturbed(tmp_path_factory, 30))
+
+
+def test_a_worker_that_cannot_see_the_directory_sends_its_shards(tmp_path):
+    from workers.worker import RunWorker
+
+    c = create_or_open(specs.loads(spec_text(runs=4), "s.toml"), tmp_path / "c")
+    args = (c.spec.to_dict(), c.name, c.spec.result_hash(), c.fingerprint, 1, False)
+    probe = tmp_path / "probe"
+    assert not RunWorker(*args, probe=str(probe)).ping()["direct"]
+    probe.write_text("x")
+    seeing = RunWorker(*args, probe=str(probe))
+    assert seeing.ping()["direct"]
+    blind = RunWorker(*args, probe=str(tmp_path / "elsewhere"))
+    result = blind.run(0, c.plan.masks[0], int(c.plan.seeds[0]), str(c.paths.shard(0)))
+    assert not c.paths.shard(0).exists() and result["shard"][:4] == b"PAR1"
 
 
 def test_untrustworthy_shards_are_moved_aside_and_redone(ray_session, tmp_path, tmp_path_factory):

@@ -89,7 +89,7 @@ def test_unknown_section_lists_valid_ones():
 
 def test_unknown_dataset_and_model_names():
     with pytest.raises(specs.SpecError, match=r"\[dataset\] in test.toml: unknown name 'mnist-typo'; expected one "
-                                              r"of digits, longtail-mixture or a plug-in"):
+                                              r"of cifar10, cifar100, digits, imagefolder, longtail-mixture, mnist, mnist-5k or a plug-in"):
         load(MINIMAL.replace('name = "digits"', 'name = "mnist-typo"'))
     with pytest.raises(specs.SpecError, match=r"unknown name 'resnet9000'"):
         load(MINIMAL.replace('name = "mlp"', 'name = "resnet9000"'))

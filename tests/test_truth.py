@@ -148,7 +148,8 @@ def test_adaptive_stopping(ray_session, tmp_path):
     assert report.stopped_early and report.complete
     summary = json.loads(c.paths.summary.read_text())
     folded = summary["runs"]["folded"]
-    assert 40 <= folded < 1500, folded  # (0.12 / 0.5)^-2 ~ 17 runs per side would do; far below 3000
+    # se <= 0.12 needs ~16 runs per side for the worst example (p = 0.5): about 32 runs, far below 3000
+    assert 20 <= folded < 1500, folded
     assert summary["target_se"]["share"] >= 0.9 and "stopped_early" in summary
     # resuming a campaign that reached its target trains nothing more
     again = run_campaign(create_or_open(None, c.paths.root), progress=False)

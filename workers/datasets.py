@@ -162,8 +162,18 @@ def make_longtail_mixture(options: dict) -> Dataset:
 
 # --- registry and plug-ins ----------------------------------------------------------------------
 
-DATASET_OPTIONS = {"digits": DigitsOptions, "longtail-mixture": MixtureOptions}
-_BUILTIN_LOADERS = {"digits": load_digits_dataset, "longtail-mixture": make_longtail_mixture}
+# Real datasets (MNIST, CIFAR, class folders, mnist-5k) live in realdata.py; it imports nothing from
+# this module at import time, so there is no cycle.
+from . import realdata  # noqa: E402
+
+DATASET_OPTIONS = {"digits": DigitsOptions, "longtail-mixture": MixtureOptions,
+                   "mnist": realdata.MnistOptions, "cifar10": realdata.CifarOptions,
+                   "cifar100": realdata.CifarOptions, "imagefolder": realdata.ImageFolderOptions,
+                   "mnist-5k": realdata.Mnist5kOptions}
+_BUILTIN_LOADERS = {"digits": load_digits_dataset, "longtail-mixture": make_longtail_mixture,
+                    "mnist": realdata.load_mnist, "cifar10": realdata.load_cifar10,
+                    "cifar100": realdata.load_cifar100, "imagefolder": realdata.load_imagefolder,
+                    "mnist-5k": realdata.load_mnist5k}
 
 
 def resolve(path: str, what: str):

@@ -74,14 +74,25 @@ def build_table(mask: np.ndarray, train_pred: np.ndarray, test_pred: np.ndarray,
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def _write(table: pa.Table, sink) -> None:
+    encodings = {"example": "DELTA_BINARY_PACKED", "margin": "BYTE_STREAM_SPLIT"}
+    if "prob" in table.column_names:
+        encodings["prob"] = "BYTE_STREAM_SPLIT"
+    pq.write_table(table, sink, compression="zstd", use_dictionary=["split", "pred"], column_encoding=encodings,
+                   write_page_checksum=True, write_statistics=False)
+
+
 def write_shard(path, table: pa.Table) -> None:
     """Write atomically: temporary name, fsync, rename. Page checksums let readers detect corruption."""
     with atomic_path(path) as tmp:
-        encodings = {"example": "DELTA_BINARY_PACKED", "margin": "BYTE_STREAM_SPLIT"}
-        if "prob" in table.column_names:
-            encodings["prob"] = "BYTE_STREAM_SPLIT"
-        pq.write_table(table, tmp, compression="zstd", use_dictionary=["split", "pred"], column_encoding=encodings,
-                       write_page_checksum=True, write_statistics=False)
+        _write(table, tmp)
+
+
+def shard_bytes(table: pa.Table) -> bytes:
+    """The shard file's bytes, for a worker that cannot see the campaign directory: the driver writes them."""
+    sink = pa.BufferOutputStream()
+    _write(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
 @dataclass

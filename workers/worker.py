@@ -51,9 +51,13 @@ def _node_id() -> str:
 
 class RunWorker:
     def __init__(self, spec: dict, campaign: str, spec_hash: str, fingerprint: str, threads: int = 1,
-                 use_gpu: bool = False):
+                 use_gpu: bool = False, probe: str = "", ship: str = "auto"):
         """Load the dataset the spec names (each worker reads it where it runs: no copy of the data
-        travels through the driver) and check that it is the one the campaign was created with."""
+        travels through the driver) and check that it is the one the campaign was created with.
+
+        `probe` is a file the driver just wrote in the campaign directory: a worker that cannot see it
+        (a node whose disk is not the driver's) returns its shards' bytes for the driver to write,
+        so that no shard is ever written where the driver will not find it."""
         dataset = load_dataset(spec["dataset"])
         found = dataset_fingerprint(dataset)
         if found != fingerprint:
@@ -81,9 +85,10 @@ class RunWorker:
         self.host = socket.gethostname()
         self.node = _node_id()
         self.versions = library_versions()
+        self.direct = ship != "driver" and (not probe or os.path.exists(probe))
 
     def ping(self) -> dict:
-        return {"host": self.host, "node": self.node, "pid": os.getpid()}
+        return {"host": self.host, "node": self.node, "pid": os.getpid(), "direct": self.direct}
 
     def run(self, run: int, packed_mask: np.ndarray, seed: int, shard_path: str) -> dict:
         """Train run `run` and write its shard; a run that fails on its own returns why, as data."""
@@ -126,7 +131,10 @@ class RunWorker:
                             f"{sorted(out.train_values) or 'predictions'}")
         table = shard_format.build_table(mask, out.train_pred, out.test_pred, ds.y_train, ds.y_test,
                                          ds.num_classes, meta, values)
-        shard_format.write_shard(shard_path, table)
+        if self.direct:
+            shard_format.write_shard(shard_path, table)
+        else:
+            summary["shard"] = shard_format.shard_bytes(table)
         summary["seconds"] = round(time.perf_counter() - start, 4)
         return summary
 

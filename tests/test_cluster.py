@@ -1,0 +1,176 @@
+"""A real Ray cluster on loopback: a head started with `ray start --head` (token authentication on,
+dashboard on 127.0.0.1) and a second node; `longtail submit` a campaign, watch it through the
+dashboard's REST API and `longtail status`, `longtail stop` it midway, submit it again, and check that
+it completes with every run folded once. Everything this test starts is stopped by process id (the
+processes carry this test's private RAY_TMPDIR in their environment), never with `ray stop`, which
+would kill every Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SPEC = """
+[campaign]
+name = "onhead"
+seed = 3
+runs = 60
+subset_ratio = 0.5
+[dataset]
+name = "fault_plugins:blobs"
+n_train = 40
+n_test = 20
+sleep = 0.25
+[model]
+name = "mlp"
+[train]
+trainer = "fault_plugins:knn"
+[estimates]
+checkpoint_seconds = 1
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def processes_with(marker: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if marker.encode() in (d / "environ").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    tmp = Path(tempfile.mkdtemp(prefix="lt-head-"))
+    home = tmp / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), RAY_TMPDIR=str(tmp), RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
+               PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    gcs, dash, metrics = free_port(), free_port(), free_port()
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    try:
+        # a head with RAY_AUTH_MODE=token needs a token first (docs/cluster.md)
+        subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True,
+                       timeout=60)
+        subprocess.run([str(BIN / "ray"), "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
+                        "--dashboard-port", str(dash), "--metrics-export-port", str(metrics),
+                        "--ray-client-server-port", str(free_port()), *common],
+                       env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run([str(BIN / "ray"), "start", "--address", f"127.0.0.1:{gcs}", *common],
+                       env=env, check=True, capture_output=True, timeout=120)
+        token = (home / ".ray" / "auth_token").read_text().strip()
+        yield {"env": env, "api": f"http://127.0.0.1:{dash}", "metrics": f"http://127.0.0.1:{metrics}/metrics",
+               "token": token, "home": home, "tmp": tmp}
+    finally:
+        for pid in processes_with(str(tmp)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def longtail(cluster, *args, timeout=180):
+    """The CLI as a user runs it on their machine: a token file in ~/.ray and nothing else set."""
+    env = dict(cluster["env"])
+    env.pop("RAY_AUTH_MODE")  # longtail must find the token and send it by itself
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT / "examples")])
+    return subprocess.run([str(BIN / "longtail"), *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT / "tests")
+
+
+def rest(cluster, path):
+    req = urllib.request.Request(cluster["api"] + path, headers={"Authorization": f"Bearer {cluster['token']}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.read().decode()
+
+
+def wait_for(predicate, timeout=120, every=0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out")
+
+
+def test_submit_watch_stop_resubmit(cluster, tmp_path):
+    # without the token the job API refuses (Ray 2.60 token authentication is on)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(cluster["api"] + "/api/jobs/", timeout=10)
+    assert refused.value.code == 401
+    (tmp_path / "s.toml").write_text(SPEC)
+    out = tmp_path / "campaign"  # on the head (this machine): a path, as on a shared filesystem
+    r = longtail(cluster, "submit", tmp_path / "s.toml", "--address", cluster["api"], "--out", out,
+                 "--module", ROOT / "examples" / "plugins.py")
+    assert r.returncode == 0, r.stdout + r.stderr
+    first = r.stdout.split("as job ")[1].split()[0]
+    assert f"longtail logs {first} --address {cluster['api']} --follow" in r.stdout
+
+    # the dashboard's REST API and `longtail status` show it running, with the driver's progress lines
+    wait_for(lambda: json.loads(rest(cluster, f"/api/jobs/{first}"))["status"] == "RUNNING")
+    wait_for(lambda: len(list((out / "runs").glob("*.parquet"))) >= 12 if (out / "runs").exists() else False)
+    logs = wait_for(lambda: (lambda t: t if "runs " in t else "")(
+        json.loads(rest(cluster, f"/api/jobs/{first}/logs"))["logs"]))
+    assert "/60 (" in logs and "runs/s" in logs
+    st = longtail(cluster, "status", first, "--address", cluster["api"])
+    assert st.returncode == 0 and f"job {first}: RUNNING" in st.stdout and "runs " in st.stdout, st.stdout
+    # tasks and actors carry names that say campaign and role
+    actors = json.loads(rest(cluster, "/api/v0/actors?limit=100"))["data"]["result"]["result"]
+    assert any(a.get("name", "").startswith("longtail:onhead:worker-") for a in actors)
+
+    stopped = longtail(cluster, "stop", first, "--address", cluster["api"])
+    assert stopped.returncode == 0 and "STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
+    done_at_stop = len(list((out / "runs").glob("*.parquet")))
+    assert 0 < done_at_stop < 60
+
+    r = longtail(cluster, "submit", tmp_path / "s.toml", "--address", cluster["api"], "--out", out,
+                 "--module", ROOT / "examples" / "plugins.py")
+    second = r.stdout.split("as job ")[1].split()[0]
+    assert second != first
+    wait_for(lambda: json.loads(rest(cluster, f"/api/jobs/{second}"))["status"] in ("SUCCEEDED", "FAILED"),
+             timeout=240)
+    final = longtail(cluster, "status", second, "--address", cluster["api"], "--json")
+    info = json.loads(final.stdout)
+    assert info["status"] == "SUCCEEDED", longtail(cluster, "logs", second, "--address", cluster["api"]).stdout
+    log = longtail(cluster, "logs", second, "--address", cluster["api"]).stdout
+    assert f"({done_at_stop} of 60 already done)" in log or "already done" in log
+
+    # every run folded once; both nodes trained
+    shards = sorted((out / "runs").glob("*.parquet"))
+    assert len(shards) == 60
+    with np.load(out / "state" / "fold.npz") as z:
+        assert z["folded"].sum() == 60 and int(z["group0.runs"]) == 60
+    nodes = {json.loads(pq.read_schema(f).metadata[b"longtail"])["node"] for f in shards}
+    assert len(nodes) == 2
+    # the campaign's counters reached the head's Prometheus endpoint
+    metrics = wait_for(lambda: (lambda t: t if "ray_longtail_runs_done_total" in t else "")(
+        urllib.request.urlopen(cluster["metrics"], timeout=10).read().decode()), timeout=60)
+    assert 'campaign="onhead"' in metrics
+    failed = longtail(cluster, "status", "no-such-job", "--address", cluster["api"])
+    assert failed.returncode == 2 and "no job 'no-such-job'" in failed.stderr
