@@ -1,11 +1,12 @@
 """K MLP runs trained one by one (training.train_run) against one batched call (ensemble.train_runs),
 measured side by side in one process.
 
-    .venv/bin/python benchmarks/ensemble.py [--k 16] [--repeats 3] [--threads 1]
+    .venv/bin/python benchmarks/ensemble.py [--k 16] [--repeats 3] [--threads 1] [--design fixed]
 
 The demo recipe on digits: MLP 64-128-10, 20 epochs, batch 128, SGD lr 0.1, Nesterov momentum 0.9,
-weight decay 5e-4, each run on its own fixed 70% subset (1,006 of 1,437 examples, 8 steps per epoch),
-then every train and test example predicted. Each repetition times K sequential train_run calls and
+weight decay 5e-4, each run on its own fixed 70% subset (1,007 of 1,438 examples, 8 steps per epoch;
+--design bernoulli draws each example with probability 0.7 instead: 8 or 9 steps), then every train and
+test example predicted. Each repetition times K sequential train_run calls and
 one train_runs call of K, back to back (wall time of the whole call, evaluation included), after one
 untimed warm-up of each; the report gives the median over repetitions (min-max in brackets) and the
 ratio of the medians (goal >= 2x on a CPU). Both ways train the same subsets with the same seeds, so
@@ -37,13 +38,19 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=16, help="runs per comparison")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--design", choices=("fixed", "bernoulli"), default="fixed", help="how subsets are drawn")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     data = load_dataset({"name": "digits", "test_fraction": 0.2, "split_seed": 0})
     dd = DeviceData.from_dataset(data, torch.device("cpu"))
     rng = np.random.default_rng(0)
     m = round(0.7 * data.n_train)
-    subsets = [np.sort(rng.choice(data.n_train, m, replace=False)) for _ in range(a.k)]
+    if a.design == "fixed":
+        subsets = [np.sort(rng.choice(data.n_train, m, replace=False)) for _ in range(a.k)]
+    else:
+        subsets = [np.flatnonzero(rng.random(data.n_train) < 0.7) for _ in range(a.k)]
+    sizes = f"{m} of {data.n_train}" if a.design == "fixed" else \
+        f"{min(map(len, subsets))}-{max(map(len, subsets))} of {data.n_train}"
     seeds = list(range(a.k))
     build = model_factory({"name": "mlp", **MODEL})
 
@@ -73,7 +80,7 @@ def main() -> None:
     print(f"ensemble benchmark: torch {torch.__version__}, {platform.machine()}, {a.threads} thread(s), "
           f"K={a.k}, median of {a.repeats}")
     print(f"recipe: digits MLP 64-128-10, {TRAIN['epochs']} epochs, batch {TRAIN['batch_size']}, sgd lr 0.1 "
-          f"nesterov 0.9, wd 5e-4, fixed 70% subsets ({m} of {data.n_train})")
+          f"nesterov 0.9, wd 5e-4, {a.design} 70% subsets ({sizes})")
     print(f"| mode | K runs, median s (min-max) | runs/s | ms/run | mean test accuracy |")
     print(f"|---|---|---|---|---|")
     for name, label in (("sequential", "sequential train_run"), ("batched", "one train_runs call")):

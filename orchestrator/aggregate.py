@@ -15,7 +15,7 @@ import numpy as np
 from estimators import estimates as est
 from estimators import stats as st
 from workers.shard import ShardData, ShardError, read_shard
-from workers.storage import atomic_path
+from workers.storage import atomic_path, open_input
 
 from .campaign import Campaign
 
@@ -69,7 +69,7 @@ class Aggregator:
 
     def _load_checkpoint(self) -> None:
         path = self.c.paths.checkpoint
-        with np.load(path, allow_pickle=False) as z:
+        with open_input(path) as f, np.load(f, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         why = ""
         if int(arrays.get("version", -1)) != CHECKPOINT_VERSION:

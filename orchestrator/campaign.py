@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from workers.datasets import Dataset, dataset_fingerprint, load_dataset
-from workers.storage import atomic_path, atomic_write_text, is_temporary
+from workers.storage import arrow_source, atomic_path, atomic_write_text, is_temporary
 from workers.worker import preflight
 
 from . import plan as planning
@@ -53,8 +52,9 @@ def write_examples(path: Path, data: Dataset, fingerprint: str) -> None:
         pq.write_table(table, tmp, compression="zstd")
 
 
-def read_examples(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    table = pq.read_table(path)
+def read_examples(path) -> tuple[dict, dict[str, np.ndarray]]:
+    source, filesystem = arrow_source(path)
+    table = pq.read_table(source, filesystem=filesystem)
     meta = json.loads(table.schema.metadata[b"longtail"])
     split = table.column("split").to_numpy(zero_copy_only=False).astype(str)
     out = {}
@@ -93,7 +93,7 @@ class Campaign:
         """Runs whose shard exists under its final name (the definition of done)."""
         done = set()
         if self.paths.runs_dir.exists():
-            for entry in os.scandir(self.paths.runs_dir):
+            for entry in self.paths.runs_dir.iterdir():
                 r = self.paths.run_of_shard(entry.name)
                 if r is not None and r < self.plan.runs:
                     done.add(r)
@@ -102,7 +102,7 @@ class Campaign:
     def failed_runs(self) -> set[int]:
         failed = set()
         if self.paths.failed_dir.exists():
-            for entry in os.scandir(self.paths.failed_dir):
+            for entry in self.paths.failed_dir.iterdir():
                 if entry.name.startswith("run-") and entry.name.endswith(".json"):
                     failed.add(int(entry.name[4:-5]))
         return failed
@@ -120,16 +120,16 @@ class Campaign:
             counts[key] = counts.get(key, 0) + 1
         return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
-    def sweep_temporaries(self) -> list[Path]:
+    def sweep_temporaries(self) -> list:
         """Remove files a crashed writer left behind under temporary names; return what was removed."""
         removed = []
         for d in (self.paths.runs_dir, self.paths.state_dir, self.paths.estimates_dir, self.paths.plan_dir,
                   self.paths.root):
             if d.exists():
-                for entry in os.scandir(d):
-                    if entry.is_file() and (is_temporary(entry.name) or entry.name.startswith(".probe-")):
-                        os.unlink(entry.path)
-                        removed.append(Path(entry.path))
+                for entry in d.iterdir():
+                    if (is_temporary(entry.name) or entry.name.startswith(".probe-")) and entry.is_file():
+                        entry.unlink(missing_ok=True)
+                        removed.append(entry)
         return removed
 
 
@@ -152,7 +152,7 @@ def create_or_open(spec: specs.Spec | None, root, load_data: bool = True) -> Cam
     paths = CampaignPaths(root)
     notes: list[str] = []
     if paths.spec.exists():
-        frozen = specs.load(paths.spec)
+        frozen = specs.loads(paths.spec.read_text(), str(paths.spec))
         if spec is None:
             spec = frozen
         else:

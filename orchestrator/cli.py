@@ -40,8 +40,8 @@ def _load_spec(path: str) -> specs.Spec:
         _fail(str(e))
 
 
-def _default_out(spec: specs.Spec) -> Path:
-    return Path("campaigns") / spec.campaign.name
+def _default_out(spec: specs.Spec) -> str:
+    return str(Path("campaigns") / spec.campaign.name)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -106,12 +106,11 @@ def _human(n: float) -> str:
     return f"{n:.1f} PB"
 
 
-def _run(spec: specs.Spec | None, out: Path, address: str | None, progress: bool, top: int,
+def _run(spec: specs.Spec | None, out: str, address: str | None, progress: bool, top: int,
          dashboard_host: str = "127.0.0.1") -> None:
     from .campaign import create_or_open
     from .driver import CampaignInterrupted, run_campaign
 
-    out = Path(os.path.expanduser(str(out)))
     _stop_on_sigterm()
     try:
         campaign = create_or_open(spec, out)
@@ -186,7 +185,10 @@ def _print_figures(summary: dict) -> None:
 def show_top(paths, k: int) -> None:
     import pyarrow.parquet as pq
 
-    t = pq.read_table(paths.memorization).to_pandas()
+    from workers.storage import arrow_source
+
+    source, filesystem = arrow_source(paths.memorization)
+    t = pq.read_table(source, filesystem=filesystem).to_pandas()
     t = t[t["mem"].notna()].sort_values(["mem", "example"], ascending=[False, True]).head(k)
     click.echo(f"\nthe {k} most memorized training examples (estimate ± standard error):")
     click.echo(f"{'example':>8} {'label':>5}  {'memorization':>15}  {'in-acc':>6} {'out-acc':>7} {'runs in/out':>12}")
@@ -197,8 +199,9 @@ def show_top(paths, k: int) -> None:
 
 @main.command()
 @click.argument("spec_file", type=click.Path(dir_okay=False))
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="campaign directory (default: campaigns/<name>); an existing campaign there is continued")
+@click.option("--out", default=None,
+              help="campaign directory, a local path or a pyarrow.fs URI such as s3://bucket/prefix (default: "
+                   "campaigns/<name>); an existing campaign there is continued")
 @click.option("--address", default=None, envvar="LONGTAIL_RAY_ADDRESS",
               help="join the Ray cluster at ADDR (e.g. 10.0.0.10:6379) instead of starting a local one")
 @click.option("--progress/--no-progress", default=True, help="show the progress display")
@@ -214,17 +217,17 @@ def run(spec_file, out, address, progress, top, dashboard_host):
     while the campaign runs.
     """
     spec = _load_spec(spec_file)
-    _run(spec, Path(out) if out else _default_out(spec), address, progress, top, dashboard_host)
+    _run(spec, out or _default_out(spec), address, progress, top, dashboard_host)
 
 
 @main.command()
-@click.argument("campaign_dir", type=click.Path(file_okay=False, exists=True))
+@click.argument("campaign_dir")
 @click.option("--address", default=None, envvar="LONGTAIL_RAY_ADDRESS", help="join the Ray cluster at ADDR")
 @click.option("--progress/--no-progress", default=True)
 @click.option("--top", default=10, show_default=True)
 def resume(campaign_dir, address, progress, top):
-    """Continue the campaign in CAMPAIGN_DIR with its frozen spec."""
-    _run(None, Path(campaign_dir), address, progress, top)
+    """Continue the campaign in CAMPAIGN_DIR (a path or URI) with its frozen spec."""
+    _run(None, campaign_dir, address, progress, top)
 
 
 @main.command()
@@ -235,7 +238,7 @@ def resume(campaign_dir, address, progress, top):
 def status(target, address, as_json):
     """How far a campaign is. TARGET is a campaign directory (runs done, folded, failed, its driver,
     the paper's figures) or, with --address, the submission id of a campaign submitted as a Ray job."""
-    if not Path(target).is_dir() and address:
+    if "://" not in target and not Path(target).is_dir() and address:
         _job_status(target, address, as_json)
         return
     from .campaign import create_or_open
@@ -368,7 +371,7 @@ def stop(submission_id, address):
 
 
 @main.command()
-@click.argument("campaign_dir", type=click.Path(file_okay=False, exists=True))
+@click.argument("campaign_dir")
 @click.option("--top", default=10, show_default=True)
 def estimate(campaign_dir, top):
     """Recompute estimates/ of CAMPAIGN_DIR from its shards alone (no Ray, no dataset, no checkpoint)."""
@@ -389,7 +392,7 @@ def estimate(campaign_dir, top):
 
 
 @main.command()
-@click.argument("campaign_dir", type=click.Path(file_okay=False, exists=True))
+@click.argument("campaign_dir")
 @click.option("--format", "fmt", type=click.Choice(["fz", "parquet"]), required=True,
               help="fz: the paper's released .npz layouts; parquet: tables keyed by example id")
 @click.option("--dest", type=click.Path(file_okay=False), default=None,
@@ -405,6 +408,8 @@ def export(campaign_dir, fmt, dest):
         agg = Aggregator(c)
         if agg.stats.runs == 0:
             _fail(f"{c.paths.root} has no folded runs yet; run or resume the campaign first")
+        if dest is None and "://" in campaign_dir:
+            _fail("exports are written to a local directory: give --dest for a campaign on an object store")
         files = (export_fz if fmt == "fz" else export_parquet)(agg, Path(dest) if dest else c.paths.root / "export")
     except _errors() as e:
         _fail(str(e))
@@ -426,7 +431,7 @@ def demo(out, runs, progress):
         spec = spec.replace(campaign=dataclasses.replace(spec.campaign, runs=runs))
     click.echo(f"longtail demo: {spec.campaign.runs} runs of an MLP on digits, each on a random "
                f"{spec.campaign.subset_ratio:.0%} subset, campaign directory {out}/", err=True)
-    _run(spec, Path(out), None, progress, 10)
+    _run(spec, out, None, progress, 10)
 
 
 if __name__ == "__main__":  # pragma: no cover

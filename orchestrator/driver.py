@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from collections import deque
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from workers.shard import ShardError
-from workers.storage import atomic_write_bytes, atomic_write_text
+from workers.storage import atomic_write_bytes, atomic_write_text, makedirs, move
 
 from .aggregate import Aggregator
 from .campaign import Campaign, CampaignError
@@ -65,7 +64,7 @@ def _say(msg: str) -> None:
 
 def record_failure(campaign: Campaign, run: int, reason: str, detail: str = "", host: str = "",
                    attempts: int | None = None) -> None:
-    campaign.paths.failed_dir.mkdir(parents=True, exist_ok=True)
+    makedirs(campaign.paths.failed_dir)
     atomic_write_text(campaign.paths.failure(run), json.dumps({
         "run": run, "reason": reason, "traceback": detail, "host": host, "attempts": attempts,
         "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
@@ -74,10 +73,10 @@ def record_failure(campaign: Campaign, run: int, reason: str, detail: str = "", 
 def reject_shard(campaign: Campaign, run: int, why: str) -> None:
     """Move an untrustworthy shard aside (never delete data) with a note saying why; the run is redone."""
     paths = campaign.paths
-    paths.rejected_dir.mkdir(parents=True, exist_ok=True)
+    makedirs(paths.rejected_dir)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     target = paths.rejected_dir / f"{paths.shard(run).name}.{stamp}"
-    shutil.move(str(paths.shard(run)), target)
+    move(paths.shard(run), target)
     atomic_write_text(target.with_name(target.name + ".why.txt"), why + "\n")
     _say(f"rejected the shard of run {run}: {why}; moved to {target}, the run will be trained again")
 

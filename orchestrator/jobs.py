@@ -22,7 +22,7 @@ from pathlib import Path
 from . import spec as specs
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-AGENT_WAIT_SECONDS = 60.0
+AGENT_WAIT_SECONDS = 120.0  # a head under load took over a minute to start its job agent
 
 
 class JobError(RuntimeError):

@@ -13,7 +13,7 @@ import socket
 import time
 from pathlib import Path
 
-from workers.storage import StorageError
+from workers.storage import StorageError, atomic_write_text, is_local, makedirs
 
 
 class LockedError(RuntimeError):
@@ -31,8 +31,8 @@ def _alive(pid: int) -> bool:
 
 
 class DriverLock:
-    def __init__(self, path: Path, stale_seconds: float = 600.0):
-        self.path = Path(path)
+    def __init__(self, path, stale_seconds: float = 600.0):
+        self.path = path
         self.stale_seconds = stale_seconds
         self.held = False
         self.note = ""
@@ -57,10 +57,9 @@ class DriverLock:
         return ""
 
     def acquire(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StorageError(e.errno, f"cannot write {self.path.parent}: {e.strerror}") from None
+        makedirs(self.path.parent)
+        if not is_local(self.path):
+            return self._acquire_on_object_store()
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         for _ in range(3):
             try:
@@ -85,9 +84,33 @@ class DriverLock:
             self.path.unlink(missing_ok=True)
         raise LockedError(f"could not take the lock {self.path}: another driver keeps taking it")
 
+    def _acquire_on_object_store(self) -> None:
+        """Object stores have no exclusive create: write the lock if it is absent or stale, then read it
+        back after a moment and give way if another driver's write landed last. This narrows the race
+        to two drivers starting within a second of each other; docs/cluster.md says so."""
+        holder = self.holder()
+        if holder is not None:
+            why = self._is_stale(holder)
+            if not why:
+                raise LockedError(
+                    f"another driver is running this campaign: pid {holder.get('pid')} on host {holder.get('host')}, "
+                    f"started {holder.get('started')} (lock {self.path}). Stop it first, or wait for it to finish.")
+            self.note = f"took over the lock {self.path}: {why}"
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "token": os.urandom(8).hex()}
+        atomic_write_text(self.path, json.dumps(me))
+        time.sleep(1.0)
+        if (self.holder() or {}).get("token") != me["token"]:
+            raise LockedError(f"another driver took the lock {self.path} at the same moment; try again")
+        self.held = True
+
     def heartbeat(self) -> None:
-        if self.held:
+        if not self.held:
+            return
+        if is_local(self.path):
             os.utime(self.path)
+        else:  # rewriting the object refreshes its modification time
+            atomic_write_text(self.path, self.path.read_text())
 
     def release(self) -> None:
         if self.held:

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from estimators import estimates as est
 from estimators import influence as inf
 from estimators.stats import CORRECT
-from workers.storage import atomic_path, atomic_write_text
+from workers.storage import atomic_path, atomic_write_text, makedirs
 
 from .aggregate import Aggregator
 
@@ -46,18 +46,19 @@ def write_npy(path: Path, array: np.ndarray) -> None:
             np.save(f, array, allow_pickle=False)
 
 
-def write_dense_influence(agg: Aggregator, target: str, est_path: Path, se_path: Path):
+def write_dense_influence(agg: Aggregator, target: str, est_path, se_path, use) -> None:
     """Write the dense influence and standard-error matrices straight into memory-mapped .npy files
-    (atomically renamed), and return them opened read-only."""
+    (which become est_path, se_path whole, by rename or upload), calling `use(infl, se)` on them
+    first: the matrices are never held in memory twice."""
     shape = (agg.c.n_train, agg.c.n_test)
     with atomic_path(est_path) as tmp_est, atomic_path(se_path) as tmp_se:
         out_est = np.lib.format.open_memmap(tmp_est, mode="w+", dtype=np.float32, shape=shape)
         out_se = np.lib.format.open_memmap(tmp_se, mode="w+", dtype=np.float32, shape=shape)
         est.influence_into(agg.stats, target, out_est, out_se)
+        use(out_est, out_se)
         out_est.flush()
         out_se.flush()
         del out_est, out_se
-    return np.load(est_path, mmap_mode="r"), np.load(se_path, mmap_mode="r")
 
 
 def write_npz(path: Path, arrays: dict) -> None:
@@ -126,10 +127,12 @@ def write_influence(agg: Aggregator, mems: dict[str, est.Memorization], final: b
     for target in agg.targets:
         s, mem = suffix(target), mems[target].mem
         if mode == "dense":
-            infl, se = write_dense_influence(agg, target, paths.estimates_dir / f"influence{s}.npy",
-                                             paths.estimates_dir / f"influence{s}_se.npy")
-            found = est.high_influence_pairs(mem, infl, y_tr, y_te, e.mem_threshold, e.infl_threshold,
-                                             e.same_class, se)
+            selected = []
+            write_dense_influence(agg, target, paths.estimates_dir / f"influence{s}.npy",
+                                  paths.estimates_dir / f"influence{s}_se.npy",
+                                  lambda infl, se, mem=mem: selected.append(est.high_influence_pairs(
+                                      mem, infl, y_tr, y_te, e.mem_threshold, e.infl_threshold, e.same_class, se)))
+            found = selected[0]
         elif mode == "per-class":
             blocks = inf.per_class(agg.mask_columns(runs), agg.outcomes(target, runs), y_tr, y_te, _budget(agg))
             arrays = {}
@@ -245,7 +248,7 @@ def write_estimates(agg: Aggregator, complete: bool, final: bool = True, extra: 
     """Finalize the folded statistics into estimates/ and return the summary."""
     agg.flush()
     c = agg.c
-    c.paths.estimates_dir.mkdir(parents=True, exist_ok=True)
+    makedirs(c.paths.estimates_dir)
     runs = agg.stats.runs
     table, mems = memorization_table(agg)
     write_parquet(c.paths.memorization, table, runs)

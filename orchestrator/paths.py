@@ -6,52 +6,54 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from workers.storage import CampaignLocation, location, makedirs
+
 _SHARD_RE = re.compile(r"^run-(\d{6,})\.parquet$")
 
 
 @dataclass(frozen=True)
 class CampaignPaths:
-    root: Path
+    root: CampaignLocation  # a local Path, or an FsPath on an object store (workers/storage.py)
 
     def __init__(self, root):
-        object.__setattr__(self, "root", Path(root))
+        object.__setattr__(self, "root", location(root))
 
     # the frozen, resolved spec
     @property
-    def spec(self) -> Path:
+    def spec(self) -> CampaignLocation:
         return self.root / "campaign.toml"
 
     # the plan: which examples each run trains on, and its training seed
     @property
-    def plan_dir(self) -> Path:
+    def plan_dir(self) -> CampaignLocation:
         return self.root / "plan"
 
     @property
-    def plan_masks(self) -> Path:
+    def plan_masks(self) -> CampaignLocation:
         return self.plan_dir / "masks.npy"
 
     @property
-    def plan_seeds(self) -> Path:
+    def plan_seeds(self) -> CampaignLocation:
         return self.plan_dir / "seeds.npy"
 
     @property
-    def plan_ratios(self) -> Path:
+    def plan_ratios(self) -> CampaignLocation:
         return self.plan_dir / "ratios.npy"
 
     @property
-    def examples(self) -> Path:
+    def examples(self) -> CampaignLocation:
         return self.plan_dir / "examples.parquet"
 
     @property
-    def plan_info(self) -> Path:
+    def plan_info(self) -> CampaignLocation:
         return self.plan_dir / "plan.json"
 
     # one shard per finished run
     @property
-    def runs_dir(self) -> Path:
+    def runs_dir(self) -> CampaignLocation:
         return self.root / "runs"
 
-    def shard(self, run: int) -> Path:
+    def shard(self, run: int) -> CampaignLocation:
         return self.runs_dir / f"run-{run:06d}.parquet"
 
     @staticmethod
@@ -61,60 +63,55 @@ class CampaignPaths:
 
     # shards that failed verification, moved aside with the reason
     @property
-    def rejected_dir(self) -> Path:
+    def rejected_dir(self) -> CampaignLocation:
         return self.root / "rejected"
 
     # why a run failed
     @property
-    def failed_dir(self) -> Path:
+    def failed_dir(self) -> CampaignLocation:
         return self.root / "failed"
 
-    def failure(self, run: int) -> Path:
+    def failure(self, run: int) -> CampaignLocation:
         return self.failed_dir / f"run-{run:06d}.json"
 
     # the aggregate checkpoint and the driver's lock
     @property
-    def state_dir(self) -> Path:
+    def state_dir(self) -> CampaignLocation:
         return self.root / "state"
 
     @property
-    def checkpoint(self) -> Path:
+    def checkpoint(self) -> CampaignLocation:
         return self.state_dir / "fold.npz"
 
     @property
-    def lock(self) -> Path:
+    def lock(self) -> CampaignLocation:
         return self.state_dir / "driver.lock"
 
     # estimates
     @property
-    def estimates_dir(self) -> Path:
+    def estimates_dir(self) -> CampaignLocation:
         return self.root / "estimates"
 
     @property
-    def memorization(self) -> Path:
+    def memorization(self) -> CampaignLocation:
         return self.estimates_dir / "memorization.parquet"
 
     @property
-    def influence(self) -> Path:
+    def influence(self) -> CampaignLocation:
         return self.estimates_dir / "influence.npy"
 
     @property
-    def pairs(self) -> Path:
+    def pairs(self) -> CampaignLocation:
         return self.estimates_dir / "high_influence_pairs.parquet"
 
     @property
-    def summary(self) -> Path:
+    def summary(self) -> CampaignLocation:
         return self.estimates_dir / "summary.json"
 
     @property
-    def report(self) -> Path:
+    def report(self) -> CampaignLocation:
         return self.root / "report" / "index.html"
 
     def make_dirs(self) -> None:
-        from workers.storage import StorageError
-
         for d in (self.root, self.plan_dir, self.runs_dir, self.failed_dir, self.state_dir, self.estimates_dir):
-            try:
-                d.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise StorageError(e.errno, f"cannot create {d}: {e.strerror}") from None
+            makedirs(d)

@@ -68,9 +68,11 @@ def test_statistically_equivalent_to_sequential_runs(digits, model, train):
     se_s^2), each se from its own 16 runs: sd / sqrt(16) of the per-run test accuracies, and a
     jackknife over runs for the memorization estimate (which averages over examples, not runs). Under
     equal distributions the difference over its standard error is roughly t with ~30 degrees of freedom,
-    beyond 3 with probability ~0.5%; the seeds are fixed, so the test is deterministic, not flaky. The
-    standard errors are ~0.15 points (accuracy) and ~0.3 points (memorization), so a recipe error that
-    moves either by a point (e.g. a wrong learning rate, weight decay, or loss scale) fails."""
+    beyond 3 with probability ~0.3%; the seeds are fixed, so the test is deterministic, not flaky.
+    Measured: per-mode standard errors of 0.16-0.5 points (accuracy; test accuracy ~97% demo, ~92%
+    adam-dropout) and 0.2-0.23 points (memorization, ~3 and ~1.3 points), so the tolerance is 1.3-1.8
+    points of accuracy and ~0.9 points of memorization; the observed differences were 0.3-0.7 and
+    0.1-0.16 points. Exact agreement of the recipe is checked by the next test, not this one."""
     d, dd = digits
     subsets = bernoulli_subsets(d.n_train, 16, 0.7, seed=1)
     assert len({-(-len(s) // 128) for s in subsets}) > 1  # uneven steps per epoch
@@ -86,8 +88,7 @@ def test_statistically_equivalent_to_sequential_runs(digits, model, train):
         mem, mem_se = jackknife(memorization, correct[:, keep], inside[:, keep])
         stats[mode] = dict(acc=test_acc.mean(), acc_se=test_acc.std(ddof=1) / 4, mem=mem, mem_se=mem_se)
     s, b = stats["sequential"], stats["batched"]
-    print("STATS", s, b)
-    assert s["acc"] > 0.9 and s["mem"] > 0.01, s  # trained, and memorizing: a meaningful comparison
+    assert s["acc"] > 0.9 and s["mem"] > 0.005, s  # trained, and memorizing: a meaningful comparison
     for key in ("acc", "mem"):
         se = np.hypot(s[key + "_se"], b[key + "_se"])
         assert 0 < se < 0.01, (key, s, b)

@@ -9,10 +9,10 @@ weights, biases and optimizer state stored as slice k of tensors with a leading 
 so that one baddbmm computes all K models' layer l: model k multiplies its own (out, in) weights
 (nn.Linear's layout) by its own (in, batch) inputs. Activations are kept feature-major, (K, features,
 batch), because then softmax and cross-entropy reduce over a middle axis with the batch axis
-contiguous, which PyTorch's CPU kernels vectorise; over a last axis of only 10 classes they were 5x
-slower than the rest of the step's element-wise work. On a CPU this replaces K small matrix multiplies and K * (optimizer,
-autograd, Python) overheads per step with one of each; see docs/performance.md and
-benchmarks/ensemble.py for the measured speed-up.
+contiguous, which PyTorch's CPU kernels vectorise (over a last axis of only 10 classes, cross-entropy
+forward and backward took 5x longer). On a CPU this replaces K small matrix multiplies and K sets of
+optimizer, autograd and Python overheads per step with one of each; benchmarks/ensemble.py measures
+the speed-up.
 
 What is the same as `train_run` with seed k (not only in distribution: the same numbers):
 - initialisation: model k's weights come from a generator seeded with seeds[k], drawn in nn.Linear's
@@ -34,8 +34,9 @@ Uneven subsets ("pad and mask"). Subsets differ in size (bernoulli designs), so 
 S_k = ceil(m_k / batch_size) steps per epoch. The K models walk through their epochs in lock step:
 each shared epoch has max_k S_k steps, and in its last max_k S_k - S_k of them model k is *inactive*:
 its batch is empty, and the optimizer leaves its weights, momentum/Adam moments and step count
-untouched (torch.where on slice k), so padding changes nothing for it. Its share of compute is wasted
-on those steps (on 70% bernoulli subsets of digits: 8 or 9 steps per epoch, so at most 1 in 9).
+untouched (slice k is copied before the update and put back), so the lock step changes nothing for
+it. Its share of compute is wasted on those steps (70% bernoulli subsets of digits take 8 or 9 steps
+per epoch: at most 1 in 9; with the 'fixed' design all subsets have one size and nothing is wasted).
 Batches are padded the same way: a short last batch is filled with example 0 at weight 0, and each
 model's loss is divided by its own count of real examples.
 
@@ -43,7 +44,7 @@ One optimizer for all: the K per-model mean losses are summed before backward. M
 depends on its own slice only, so d(sum)/d(W[k]) = d(loss_k)/d(W[k]): the gradients stay per
 model. torch.optim cannot give every slice of one tensor its own learning rate (schedules run on each
 model's own step count) or skip the inactive slices, so the update is written out below for the
-stacked tensors, with per-model learning rates and step counts of shape (K, 1, 1).
+stacked tensors, with per-model learning rates and Adam bias corrections of shape (K, 1, 1).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def _forward(params, x: torch.Tensor, dropout: float, gen) -> torch.Tensor:
 
 class _StackedOptimizer:
     """torch.optim.SGD / AdamW's update rules for stacked parameters, with per-model learning rates and an
-    optional mask of active models (inactive ones keep weights and state)."""
+    optional list of inactive models, which keep their weights and state."""
 
     def __init__(self, params, train: dict):
         self.params, self.adam, self.wd = params, train["optimizer"] == "adam", train["weight_decay"]

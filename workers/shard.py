@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import atomic_path
+from .storage import arrow_source, atomic_path
 
 FORMAT_VERSION = 1
 META_KEY = b"longtail"
@@ -110,8 +110,9 @@ class ShardData:
 
 
 def read_meta(path) -> dict:
+    source, filesystem = arrow_source(path)
     try:
-        md = pq.read_schema(path).metadata or {}
+        md = pq.read_schema(source, filesystem=filesystem).metadata or {}
     except (OSError, pa.ArrowException) as e:
         raise ShardError(f"{path}: unreadable Parquet footer ({e}); the file is truncated or corrupt") from None
     if META_KEY not in md:
@@ -132,8 +133,9 @@ def read_shard(path, *, campaign: str, spec_hash: str, run: int, n_train: int, n
         if meta.get(key) != value:
             raise ShardError(f"{path}: metadata {key} is {meta.get(key)!r}, expected {value!r}"
                              + (" (a shard of another campaign or spec)" if key in ("campaign", "spec_hash") else ""))
+    source, filesystem = arrow_source(path)
     try:
-        table = pq.read_table(path, page_checksum_verification=True)
+        table = pq.read_table(source, filesystem=filesystem, page_checksum_verification=True)
     except (OSError, pa.ArrowException) as e:
         raise ShardError(f"{path}: unreadable ({e}); the file is corrupt") from None
     need = {"split", "example", "in_subset", "correct", "pred", "margin"}
