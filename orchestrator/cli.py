@@ -434,5 +434,9 @@ def demo(out, runs, progress):
     _run(spec, out, None, progress, 10)
 
 
+from .report import report_command  # noqa: E402  (a command defined beside the report it writes)
+
+main.add_command(report_command)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

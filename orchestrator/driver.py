@@ -191,6 +191,7 @@ def _dispatch(campaign: Campaign, agg: Aggregator, todo: list[int], done: set[in
     ray, owned, report.dashboard_url = _ray_init(address, campaign, dashboard_host)
     res, e = campaign.spec.resources, campaign.spec.estimates
     plan, paths = campaign.plan, campaign.paths
+    pack = res.pack or (16 if campaign.spec.model.name == "mlp" and not campaign.spec.train.trainer else 1)
     probe = paths.state_dir / f".probe-{os.getpid()}-{time.time_ns()}"
     atomic_write_text(probe, "a worker that can read this file sees the campaign directory\n")
     pool = WorkerPool(ray, campaign, _say, str(probe))
@@ -211,32 +212,39 @@ def _dispatch(campaign: Campaign, agg: Aggregator, todo: list[int], done: set[in
             while queue or in_flight:
                 pool.poll()
                 ready_slots = pool.ready()
-                per_worker = max(1, (res.max_in_flight or 2 * len(ready_slots)) // max(1, len(ready_slots)))
+                calls = max(1, (res.max_in_flight // pack if res.max_in_flight else 2 * len(ready_slots))
+                            // max(1, len(ready_slots)))
                 for slot in ready_slots:
-                    while queue and slot.load < per_worker and not slot.isolated:
+                    while queue and slot.load < calls and not slot.isolated:
                         if queue[0] in attempts:  # a suspect runs alone: if its worker dies, it is the cause
                             if slot.load:
                                 break
                             slot.isolated = True
-                        r = queue.popleft()
-                        ref = slot.actor.run.remote(r, plan.masks[r], int(plan.seeds[r]), str(paths.shard(r)))
-                        in_flight[ref] = (r, slot)
+                            group = [queue.popleft()]
+                        else:
+                            group = []
+                            while queue and len(group) < pack and queue[0] not in attempts:
+                                group.append(queue.popleft())
+                        ref = slot.actor.run_many.remote(
+                            [(r, plan.masks[r], int(plan.seeds[r]), str(paths.shard(r))) for r in group])
+                        in_flight[ref] = (group, slot)
                         slot.load += 1
                 if not in_flight and not pool.live():
                     raise CampaignError("no worker is left to run the campaign; see the messages above")
                 finished, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0) if in_flight else ([], [])
                 for ref in finished:
-                    r, slot = in_flight.pop(ref)
+                    group, slot = in_flight.pop(ref)
                     slot.load -= 1
                     slot.isolated = False
-                    outcome = _collect(ray, ref, r, campaign, agg, report)
-                    if outcome == "folded":
-                        done.add(r)
-                    elif outcome == "worker died":
-                        _worker_died(pool, slot, r, attempts, queue, campaign, report)
+                    for r, outcome in zip(group, _collect(ray, ref, group, campaign, agg, report)):
+                        if outcome == "folded":
+                            done.add(r)
+                        elif outcome == "worker died":
+                            _worker_died(pool, slot, r, attempts, queue, campaign, report)
                 _check_failure_budget(campaign, report)
-                bar.update(len(done), len(report.failed_now), len(in_flight))
-                metrics.update(report.trained, len(report.failed_now), report.retried, len(in_flight), bar.rate(),
+                running = sum(len(g) for g, _ in in_flight.values())
+                bar.update(len(done), len(report.failed_now), running)
+                metrics.update(report.trained, len(report.failed_now), report.retried, running, bar.rate(),
                                len(done) / plan.runs, share)
                 now = time.monotonic()
                 if now - last_resize >= RESIZE_SECONDS and queue:  # nodes that joined get work too
@@ -305,21 +313,26 @@ def _first_reason(campaign: Campaign, runs: list[int]) -> str:
         return "unknown"
 
 
-def _collect(ray, ref, run: int, campaign: Campaign, agg: Aggregator, report: RunReport) -> str:
-    """Take one finished call: fold its shard ("folded"), record why the run failed ("failed"), or
-    report that its worker died ("worker died")."""
+def _collect(ray, ref, runs: list[int], campaign: Campaign, agg: Aggregator, report: RunReport) -> list[str]:
+    """Take one finished call: for each of its runs, fold its shard ("folded"), record why it failed
+    ("failed"), or report that its worker died ("worker died")."""
     from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
     try:
-        result = ray.get(ref)
+        results = ray.get(ref)
     except (RayActorError, WorkerCrashedError):
-        return "worker died"
-    except RayTaskError as e:  # the worker code itself raised (run() returns failures as data)
+        return ["worker died"] * len(runs)
+    except RayTaskError as e:  # the worker code itself raised (run_many() returns failures as data)
         cause = e.cause if getattr(e, "cause", None) is not None else e
-        record_failure(campaign, run, f"{type(cause).__name__}: {cause}".splitlines()[0][:500],
-                       _ANSI.sub("", getattr(e, "traceback_str", "") or str(e)))
-        report.failed_now.append(run)
-        return "failed"
+        for run in runs:
+            record_failure(campaign, run, f"{type(cause).__name__}: {cause}".splitlines()[0][:500],
+                           _ANSI.sub("", getattr(e, "traceback_str", "") or str(e)))
+            report.failed_now.append(run)
+        return ["failed"] * len(runs)
+    return [_collect_one(result, run, campaign, agg, report) for run, result in zip(runs, results)]
+
+
+def _collect_one(result: dict, run: int, campaign: Campaign, agg: Aggregator, report: RunReport) -> str:
     if result.get("fatal"):
         raise CampaignError(f"run {run} could not be stored on {result['host']}: {result['reason']}. Nothing "
                             f"half-written is visible; fix the cause, then: longtail resume {campaign.paths.root}")

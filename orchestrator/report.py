@@ -37,6 +37,7 @@ INFLUENCERS = 4  # training examples shown beside each test example (as in the p
 MAX_SHARDS = 2000  # the convergence figure reads at most this many shards, spread evenly over the runs
 CONVERGENCE_EXAMPLES = 1000  # training examples whose estimates the convergence figure follows
 SCATTER_LIMIT = 5000  # above this many examples the in/held-out plot is a 2-D histogram
+MAX_IMAGE_GB = 8.0  # a dataset larger than this in memory is not loaded for ~75 thumbnails: tables instead
 # The paper's Table 1 (Feldman & Zhang 2020), shown beside this campaign's counts for scale.
 PAPER_TABLE1 = [("MNIST", 35, 33, 10_000, 31), ("CIFAR-100", 1015, 888, 10_000, 774),
                 ("ImageNet", 1641, 1462, 50_000, 1298)]
@@ -108,8 +109,8 @@ def image_shape(meta: dict) -> tuple[int, int, int] | None:
 
 
 class Pictures:
-    """Inputs as displayable images: CIFAR's per-channel normalization undone, anything else outside
-    [0, 1] stretched per image, so that every thumbnail uses the full grey or colour range."""
+    """Inputs as displayable images: CIFAR's per-channel normalization undone, and any image still
+    outside [0, 1] stretched to it, so that no thumbnail is clipped to black or white."""
 
     def __init__(self, x_train: np.ndarray, x_test: np.ndarray, shape: tuple[int, int, int], info: dict):
         self.x = {"train": x_train, "test": x_test}
@@ -151,6 +152,10 @@ def load_pictures(c: Campaign, meta: dict) -> tuple[Pictures | None, str]:
     shape = image_shape(meta)
     if shape is None:
         return None, f"inputs of shape {tuple(meta.get('input_shape') or ())} are not images; tables instead"
+    size_gb = (c.n_train + c.n_test) * int(np.prod(meta["input_shape"])) * 4 / 1e9
+    if size_gb > MAX_IMAGE_GB:
+        return None, (f"the dataset takes {size_gb:.0f} GB in memory, more than the report loads "
+                      f"({MAX_IMAGE_GB:g} GB) for its thumbnails; tables instead")
     try:
         data = load_dataset(c.spec.dataset.as_dict())
         if dataset_fingerprint(data) != c.fingerprint:
@@ -180,13 +185,16 @@ def _png(fig, alt: str) -> str:
 
 def draw_memorization_histogram(mem: np.ndarray, runs: int, threshold: float) -> str:
     fig, ax = _figure(5.0, 3.5)
-    ax.hist(mem, bins=np.linspace(-1, 1, 81), color="#4c72b0", log=True)
+    bins = np.linspace(-1, 1, 81)
+    # most examples of a real dataset sit near 0: a log scale keeps the tail visible beside that peak
+    log = np.histogram(mem, bins)[0].max() > 30
+    ax.hist(mem, bins=bins, color="#4c72b0", log=log)
     ax.axvline(threshold, color="#c44e52", ls="--", lw=1)
     ax.text(threshold + 0.02, 0.95, f"≥ {threshold:g}: {int((mem >= threshold).sum()):,}", color="#c44e52",
             transform=ax.get_xaxis_transform(), va="top")
     ax.set_xlim(min(-0.1, float(mem.min()) - 0.05), 1.02)
     ax.set_xlabel("memorization estimate")
-    ax.set_ylabel("training examples (log scale)")
+    ax.set_ylabel("training examples" + (" (log scale)" if log else ""))
     ax.set_title(f"memorization of {len(mem):,} training examples, {runs:,} runs", fontsize=10)
     return _png(fig, "histogram of memorization estimates")
 
@@ -336,8 +344,7 @@ def memorization_section(inp: Inputs) -> str:
     thr = inp.c.spec.estimates.mem_threshold
     runs = inp.mem_runs
     hist = _figure_html(draw_memorization_histogram(m["mem"][ok], runs, thr),
-                        f"Histogram of the {int(ok.sum()):,} defined estimates ({runs:,} runs; log scale: most "
-                        f"examples sit near 0). Mean standard error "
+                        f"Histogram of the {int(ok.sum()):,} defined estimates ({runs:,} runs). Mean standard error "
                         f"{_num(float(np.nanmean(m['se'])))}; dashed: the paper's threshold {thr:g}.")
     scatter = _figure_html(draw_in_vs_heldout(m["acc_in"][ok], m["acc_out"][ok], runs, thr),
                            f"Each training example's accuracy in the runs that trained on it against the runs "
@@ -481,13 +488,16 @@ def influence_section(inp: Inputs) -> str:
                 f"{len(tests)} test examples with the strongest pairs:")
     else:
         tests = strongest_tests(inp, PAIR_ROWS)
-        why = ("no influence estimates in this campaign's mode yet" if pairs is None and not tests else
-               "no pair passes the selection")
         if not tests:
-            return _section("influence", title, intro, _note(
-                f"{why}: {'top-k and per-class influence are written when the campaign ends' if pairs is None else ''}"))
-        lead = (f"{why}; shown instead: the {len(tests)} test examples with the largest influence of any training "
-                f"example ({runs:,} runs), as in the paper's MNIST figure.")
+            if (inp.summary or {}).get("influence_mode", inp.c.spec.estimates.influence) == "none":
+                why = 'this campaign does not estimate influence (<code>[estimates] influence = "none"</code>)'
+            elif pairs is None:
+                why = "no influence estimates yet: top-k and per-class influence are written when the campaign ends"
+            else:
+                why = "no pair passes the selection"
+            return _section("influence", title, intro, _note(why))
+        lead = (f"No pair passes the selection; shown instead: the {len(tests)} test examples with the largest "
+                f"influence of any training example ({runs:,} runs), as in the paper's MNIST figure.")
     selected = set(zip(pairs["train"].tolist(), pairs["test"].tolist())) if pairs is not None else set()
     found = top_influencers(inp, tests, INFLUENCERS)
     for j in tests:  # no influence file (or not this test): the pairs themselves are the influencers
@@ -495,33 +505,46 @@ def influence_section(inp: Inputs) -> str:
             sel = np.flatnonzero(pairs["test"] == j)[:INFLUENCERS]
             found[j] = [Influencer(int(pairs["train"][s]), float(pairs["infl"][s]),
                                    float(pairs["infl_se"][s]) if "infl_se" in pairs else None) for s in sel]
-    mem = inp.mem["mem"]
-    y_tr, y_te = inp.c.labels["train_labels"], inp.c.labels["test_labels"]
     caption = (f"{runs:,} runs. Under each training example: its id, label, influence ± standard error on the "
                f"test example and its own memorization.")
     if inp.pictures is None:
-        rows = []
-        for j in tests:
-            cells = [f"{inf.train} (label {esc(inp.label(int(y_tr[inf.train])))}): infl {inf.infl:.3f}"
-                     + (f" ± {inf.se:.3f}" if inf.se is not None else "") + f", mem {_num(float(mem[inf.train]))}"
-                     + (" ●" if (inf.train, j) in selected else "") for inf in found.get(j, [])]
-            rows.append([str(j), esc(inp.label(int(y_te[j]))), "<br>".join(cells)])
-        table = _table(["test example", "label", "top influencers (● selected pair)"], rows)
-        return _section("influence", title, intro,
-                        _note(esc(inp.picture_note)) + f"<p>{lead}</p>" + _figure_html(table, caption))
+        body = _note(esc(inp.picture_note)) + f"<p>{lead}</p>" + _figure_html(
+            influence_table(inp, tests, found, selected), caption)
+    else:
+        body = f"<p>{lead}</p>" + _figure_html(influence_rows(inp, tests, found, selected), caption)
+    return _section("influence", title, intro, body)
+
+
+def influence_rows(inp: Inputs, tests: list[int], found: dict, selected: set) -> str:
+    """The paper's figure: each test image, then its top influencing training images with their values."""
+    mem, pics = inp.mem["mem"], inp.pictures
+    y_tr, y_te = inp.c.labels["train_labels"], inp.c.labels["test_labels"]
     lines = []
     for j in tests:
-        cards = [f'<div class="card test">{inp.pictures.img("test", j, f"test example {j}")}'
+        cards = [f'<div class="card test">{pics.img("test", j, f"test example {j}")}'
                  f'<div class="cap"><b>test #{j}</b><br>label {esc(inp.label(int(y_te[j])))}</div></div>']
         for inf in found.get(j, []):
             framed = " selected" if (inf.train, j) in selected else ""
             other = ' <span class="warn">other class</span>' if y_tr[inf.train] != y_te[j] else ""
             se = f" ± {inf.se:.3f}" if inf.se is not None else ""
-            cards.append(f'<div class="card{framed}">{inp.pictures.img("train", inf.train, f"training example {inf.train}")}'
+            cards.append(f'<div class="card{framed}">{pics.img("train", inf.train, f"training example {inf.train}")}'
                          f'<div class="cap">#{inf.train} label {esc(inp.label(int(y_tr[inf.train])))}{other}<br>'
                          f'infl {inf.infl:.3f}{se}<br>mem {_num(float(mem[inf.train]))}</div></div>')
         lines.append(f'<div class="pairrow">{"".join(cards)}</div>')
-    return _section("influence", title, intro, f"<p>{lead}</p>" + _figure_html(f'<div class="pairs">{"".join(lines)}</div>', caption))
+    return f'<div class="pairs">{"".join(lines)}</div>'
+
+
+def influence_table(inp: Inputs, tests: list[int], found: dict, selected: set) -> str:
+    """The same as a table, for inputs that are not images."""
+    mem = inp.mem["mem"]
+    y_tr, y_te = inp.c.labels["train_labels"], inp.c.labels["test_labels"]
+    rows = []
+    for j in tests:
+        cells = [f"{inf.train} (label {esc(inp.label(int(y_tr[inf.train])))}): infl {inf.infl:.3f}"
+                 + (f" ± {inf.se:.3f}" if inf.se is not None else "") + f", mem {_num(float(mem[inf.train]))}"
+                 + (" ●" if (inf.train, j) in selected else "") for inf in found.get(j, [])]
+        rows.append([str(j), esc(inp.label(int(y_te[j]))), "<br>".join(cells)])
+    return _table(["test example", "label", "top influencers (● selected pair)"], rows)
 
 
 def _runs_of_pairs(inp: Inputs) -> int:
@@ -578,12 +601,13 @@ def table1_section(inp: Inputs) -> str:
                      ["Jaccard of the selected pairs", _num(sh.get("pairs_jaccard"))]]
         parts.append(_figure_html(_table(["split-half consistency", "value"], rows),
                                   "Two independent halves of the runs (the paper found a pair Jaccard ≥ 0.7 between "
-                                  "two 2,000-run CIFAR-100 campaigns); with half the runs each, agreement here is "
-                                  "a lower bound on that of the full campaign."))
+                                  "two 2,000-run CIFAR-100 campaigns). Each half has half the runs, so this "
+                                  "understates how well two full campaigns would agree."))
     else:
         parts.append(_note("split-half consistency: not computed (it is written when the campaign ends, with "
                            "<code>[estimates] split_half = true</code>)"))
-    return _section("table1", title, intro, "".join(parts))
+    # Table 1 across the page; the shares and the split-half check side by side below it
+    return _section("table1", title, intro, parts[0] + f'<div class="row">{"".join(parts[1:])}</div>')
 
 
 @dataclass
@@ -662,8 +686,9 @@ def convergence(c: Campaign) -> Convergence | None:
 def convergence_section(inp: Inputs) -> str:
     title = "Convergence"
     intro = ("How much the memorization estimates still move as runs accumulate: a fixed sample of training "
-             "examples, estimated from the first k runs, compared with the estimate from all runs read. The "
-             "difference falls like the paper's bound, about 1/√k; it is 0 at the last point by construction.")
+             "examples, estimated from the first k runs, compared with the estimate from all runs read. Compare "
+             "its fall with the paper's bound (about 1/√k); it reaches 0 at the last point by construction, "
+             "where both are the same estimate, so the last steps understate the remaining error.")
     conv = convergence(inp.c)
     if conv is None:
         return _section("convergence", title, intro, _note("fewer than 10 shards of the main subset ratio yet"))
@@ -673,8 +698,8 @@ def convergence_section(inp: Inputs) -> str:
     cap = (f"; {conv.available:,} shards on disk, {conv.shards:,} read, spread evenly over them"
            if conv.available > conv.shards + conv.unreadable else "")
     bad = f"; {conv.unreadable} unreadable shards left out" if conv.unreadable else ""
-    fig = _figure_html(draw_convergence(conv, ratio),
-                       f"{len(conv.followed):,} training examples, {conv.shards:,} runs read from the shards{cap}{bad}.")
+    fig = _figure_html(draw_convergence(conv, ratio), f"{len(conv.followed):,} training examples, "
+                                                      f"{conv.shards:,} runs read from the shards{cap}{bad}.")
     table = _figure_html(_table(["runs k", "mean |Δ|", "RMS Δ", "bound (RMS)"], rows, "narrow"),
                          "The same numbers.")
     return _section("convergence", title, intro, f'<div class="row">{fig}{table}</div>')

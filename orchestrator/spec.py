@@ -109,8 +109,11 @@ class ResourcesSection:
                                     "a number > 0", affects_results=False)
     gpus_per_worker: float = option(0.0, "GPUs per worker; fractions pack several workers on one GPU",
                                     _nonnegative, "a number >= 0", affects_results=False)
-    max_in_flight: int = option(0, "runs dispatched and not yet finished; 0 = 2 per worker", _nonnegative,
+    max_in_flight: int = option(0, "runs dispatched and not yet finished; 0 = two calls per worker", _nonnegative,
                                 "an integer >= 0", affects_results=False)
+    pack: int = option(0, "runs per worker call, trained together in one vectorized step where the model allows "
+                       "(the builtin mlp); 0 = 16 for the builtin mlp, 1 otherwise", _nonnegative, "an integer >= 0",
+                       affects_results=False)
     max_retries: int = option(3, "times a run is retried on another worker after its worker process or node died",
                               _nonnegative, "an integer >= 0", affects_results=False)
     max_failures: float = option(0.1, "failure budget: the campaign stops when more runs fail in one session; "

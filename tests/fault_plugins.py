@@ -28,8 +28,12 @@ def knn(dataset: Dataset, train_indices: np.ndarray, seed: int):
     time.sleep(info.get("sleep", 0))
     marker = info.get("die_marker")
     if marker and not os.path.exists(marker):
-        open(marker, "w").close()
-        os.kill(os.getpid(), signal.SIGKILL)
+        try:  # exclusive create: of two workers racing here, exactly one dies
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            pass
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
     if info.get("fail_always"):
         raise RuntimeError("this trainer always fails")
     if info.get("garbage_every") and seed % info["garbage_every"] == 0:

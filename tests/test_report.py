@@ -342,6 +342,32 @@ def test_a_campaign_without_runs_yet(tmp_path):
     assert "fewer than 10 shards" in text and "no finished run yet" in text
 
 
+def test_shards_before_the_first_checkpoint(tmp_path):
+    c = make_digits_campaign(tmp_path / "early", written=12)  # shards on disk, nothing folded yet
+    text = make_report(c)
+    assert "no estimates yet: 12 of 40 runs have a shard" in text
+    assert "runs read from the shards" in text  # convergence needs only the shards
+    assert "Test accuracy of 12 runs (from the shards' metadata)" in text
+
+
+def test_no_pair_shows_the_strongest_influences_and_mode_none_says_so(tmp_path):
+    c, _ = make_campaign(tmp_path / "strict", runs=40)
+    text = c.paths.spec.read_text().replace("mem_threshold = 0.1013", "mem_threshold = 1.5")
+    c.paths.spec.write_text(text)  # a threshold no estimate reaches: no pair
+    c = create_or_open(None, c.paths.root, load_data=False)
+    estimate(c)
+    assert len(pd.read_parquet(c.paths.pairs)) == 0
+    page = make_report(c)
+    infl = np.load(c.paths.influence)
+    first = int(np.argsort(-infl.max(axis=0), kind="stable")[0])
+    assert "No pair passes the selection; shown instead: the 10 test examples" in page
+    section = page.split('<section id="influence">')[1]
+    assert re.search(r"<tbody><tr><td>(\d+)</td>", section).group(1) == str(first)
+    none, _ = make_campaign(tmp_path / "none", runs=12, mode="none")
+    estimate(none)
+    assert 'does not estimate influence (<code>[estimates] influence = "none"</code>)' in make_report(none)
+
+
 def test_a_directory_that_is_not_a_campaign(tmp_path):
     r = CliRunner().invoke(report.report_command, [str(tmp_path)])
     assert r.exit_code == 2 and "is not a campaign directory" in r.output
@@ -359,7 +385,15 @@ def test_pictures_rescale_for_display():
     x = (raw - np.array(mean, np.float32)[:, None, None]) / np.array(std, np.float32)[:, None, None]
     pics = report.Pictures(x, x, (3, 4, 4), {"normalization": {"mean": mean, "std": std}})
     np.testing.assert_allclose(pics.pixels("train", 1), raw[1].transpose(1, 2, 0), atol=1e-6)
+    assert pics.uri("test", 0).startswith("data:image/png;base64,iVBORw0KGgo")
     # anything else outside [0, 1] is stretched to it; a PNG data URI comes back
     pics = report.Pictures(np.array([[[[-3.0, 5.0], [1.0, 0.0]]]]), np.zeros((1, 1, 2, 2)), (1, 2, 2), {})
     np.testing.assert_allclose(pics.pixels("train", 0), [[0, 1], [0.5, 0.375]])
     assert pics.uri("train", 0).startswith("data:image/png;base64,iVBORw0KGgo")
+
+
+def test_many_examples_draw_a_2d_histogram():
+    rng = np.random.default_rng(0)
+    n = report.SCATTER_LIMIT + 1
+    img = report.draw_in_vs_heldout(rng.random(n), rng.random(n), runs=10, threshold=0.25)
+    assert img.startswith('<img class="plot" src="data:image/png;base64,')

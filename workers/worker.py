@@ -82,6 +82,9 @@ class RunWorker:
             self.device = str(device)
             self.data = DeviceData.from_dataset(dataset, device)
             self.build = model_factory(spec["model"])
+        # builtin MLPs train several runs in one step (workers/ensemble.py); anything else one at a time
+        self.packable = self.trainer is None and spec["model"]["name"] == "mlp"
+        self.model_options = dict(spec["model"])
         self.host = socket.gethostname()
         self.node = _node_id()
         self.versions = library_versions()
@@ -90,27 +93,65 @@ class RunWorker:
     def ping(self) -> dict:
         return {"host": self.host, "node": self.node, "pid": os.getpid(), "direct": self.direct}
 
+    def _failure(self, run: int, e: BaseException, detail: str) -> dict:
+        """A run that failed on its own, as data: the driver records it in failed/."""
+        return {"run": run, "failed": True, "reason": f"{type(e).__name__}: {e}".splitlines()[0][:500],
+                "traceback": detail, "host": self.host,
+                # storage trouble (disk full, permissions) is not the run's fault: the driver stops
+                "fatal": isinstance(e, StorageError)}
+
     def run(self, run: int, packed_mask: np.ndarray, seed: int, shard_path: str) -> dict:
         """Train run `run` and write its shard; a run that fails on its own returns why, as data."""
-        try:
-            return self._run(run, packed_mask, seed, shard_path)
-        except Exception as e:  # recorded by the driver in failed/; worker deaths are the driver's to retry
-            return {"run": run, "failed": True, "reason": f"{type(e).__name__}: {e}".splitlines()[0][:500],
-                    "traceback": traceback.format_exc(), "host": self.host,
-                    # storage trouble (disk full, permissions) is not the run's fault: the driver stops
-                    "fatal": isinstance(e, StorageError)}
-
-    def _run(self, run: int, packed_mask: np.ndarray, seed: int, shard_path: str) -> dict:
         start = time.perf_counter()
-        ds = self.dataset
-        mask = np.unpackbits(np.asarray(packed_mask, np.uint8), count=ds.n_train).astype(bool)
+        try:
+            mask = self._mask(packed_mask)
+            return self._finish(run, mask, seed, shard_path, self._train(mask, seed), start)
+        except Exception as e:  # worker deaths are the driver's to retry
+            return self._failure(run, e, traceback.format_exc())
+
+    def run_many(self, calls: list[tuple[int, np.ndarray, int, str]]) -> list[dict]:
+        """Several runs (run, packed mask, seed, shard path) in one call: trained together in one
+        vectorized step where the model allows (the builtin MLP), else one after the other."""
+        if len(calls) == 1 or not self.packable:
+            return [self.run(*c) for c in calls]
+        from .ensemble import EnsembleRunFailed, train_runs
+
+        start = time.perf_counter()
+        masks = [self._mask(c[1]) for c in calls]
+        failed: dict[int, str] = {}
+        try:
+            outputs = train_runs(self.model_options, self.data, [np.flatnonzero(m) for m in masks],
+                                 [c[2] for c in calls], self.train)
+        except EnsembleRunFailed as e:
+            outputs, failed = e.outputs, e.failed
+        except Exception as e:
+            detail = traceback.format_exc()
+            return [self._failure(c[0], e, detail) for c in calls]
+        results = []
+        for k, ((run, _, seed, path), mask, out) in enumerate(zip(calls, masks, outputs)):
+            if out is None:
+                results.append(self._failure(run, RunFailed(failed.get(k, "no output")), ""))
+                continue
+            try:
+                results.append(self._finish(run, mask, seed, path, out, start))
+            except Exception as e:
+                results.append(self._failure(run, e, traceback.format_exc()))
+        return results
+
+    def _mask(self, packed_mask: np.ndarray) -> np.ndarray:
+        return np.unpackbits(np.asarray(packed_mask, np.uint8), count=self.dataset.n_train).astype(bool)
+
+    def _train(self, mask: np.ndarray, seed: int) -> RunOutput:
         train_idx = np.flatnonzero(mask)
         if self.trainer is not None:
-            out: RunOutput = run_plugin_trainer(self.trainer, ds, train_idx, seed, self.train["trainer"])
-        else:
-            from .training import train_run
+            return run_plugin_trainer(self.trainer, self.dataset, train_idx, seed, self.train["trainer"])
+        from .training import train_run
 
-            out = train_run(self.build, self.data, train_idx, seed, self.train)
+        return train_run(self.build, self.data, train_idx, seed, self.train)
+
+    def _finish(self, run: int, mask: np.ndarray, seed: int, shard_path: str, out: RunOutput, start: float) -> dict:
+        """Write run `run`'s shard (or return its bytes) and its summary."""
+        ds = self.dataset
         train_ok = out.train_pred == ds.y_train
         summary = {
             "run": run, "seed": seed, "host": self.host, "node": self.node, "pid": os.getpid(),
