@@ -16,6 +16,7 @@ examples through `split` and `example`, never through row order.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
@@ -48,23 +49,31 @@ def _float16(values: np.ndarray) -> pa.Array:
     return pa.array(np.clip(values, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16), pa.float16())
 
 
+@functools.lru_cache(maxsize=8)
+def _fixed_columns(n_train: int, n_test: int) -> tuple[pa.Array, pa.Array, np.ndarray]:
+    """split and example columns, and the test-row mask: the same for every run of a campaign."""
+    split = pa.DictionaryArray.from_arrays(
+        pa.array(np.r_[np.zeros(n_train, np.int8), np.ones(n_test, np.int8)]), pa.array(["train", "test"]))
+    example = pa.array(np.r_[np.arange(n_train, dtype=np.int32), np.arange(n_test, dtype=np.int32)])
+    test_rows = np.r_[np.zeros(n_train, bool), np.ones(n_test, bool)]
+    test_rows.flags.writeable = False
+    return split, example, test_rows
+
+
 def build_table(mask: np.ndarray, train_pred: np.ndarray, test_pred: np.ndarray, train_labels: np.ndarray,
                 test_labels: np.ndarray, num_classes: int, meta: dict,
                 values: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> pa.Table:
     """The shard of one run. `values` maps "margin" / "probability" to their (train, test) arrays."""
     values = values or {}
     n_train, n_test = len(train_pred), len(test_pred)
-    split = pa.DictionaryArray.from_arrays(
-        pa.array(np.r_[np.zeros(n_train, np.int8), np.ones(n_test, np.int8)]), pa.array(["train", "test"]))
-    example = np.r_[np.arange(n_train, dtype=np.int32), np.arange(n_test, dtype=np.int32)]
-    in_subset = pa.array(np.r_[mask.astype(bool), np.zeros(n_test, bool)],
-                         mask=np.r_[np.zeros(n_train, bool), np.ones(n_test, bool)])
+    split, example, test_rows = _fixed_columns(n_train, n_test)
+    in_subset = pa.array(np.r_[mask.astype(bool), np.zeros(n_test, bool)], mask=test_rows)
     correct = np.r_[train_pred == train_labels, test_pred == test_labels]
     pred_type = _pred_type(num_classes)
     pred_np = np.r_[train_pred, test_pred].astype(np.int16 if pred_type == pa.int16() else np.int32)
     fields = [("split", SPLIT_TYPE), ("example", pa.int32()), ("in_subset", pa.bool_()), ("correct", pa.bool_()),
               ("pred", pred_type), ("margin", pa.float16())]
-    columns = [split, pa.array(example), in_subset, pa.array(correct), pa.array(pred_np)]
+    columns = [split, example, in_subset, pa.array(correct), pa.array(pred_np)]
     margin = values.get("margin")
     columns.append(pa.nulls(n_train + n_test, pa.float16()) if margin is None else _float16(np.r_[margin]))
     if "probability" in values:
@@ -126,16 +135,26 @@ def read_meta(path) -> dict:
 def read_shard(path, *, campaign: str, spec_hash: str, run: int, n_train: int, n_test: int,
                mask: np.ndarray | None = None) -> ShardData:
     """Read and verify one shard against what the campaign expects of run `run`; raise ShardError otherwise."""
-    meta = read_meta(path)
+    source, filesystem = arrow_source(path)
+    try:  # one footer parse serves the metadata check and the read
+        parquet = pq.ParquetFile(source, filesystem=filesystem, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as e:
+        raise ShardError(f"{path}: unreadable Parquet footer ({e}); the file is truncated or corrupt") from None
+    md = parquet.schema_arrow.metadata or {}
+    if META_KEY not in md:
+        raise ShardError(f"{path}: no longtail metadata; not a longtail shard")
+    try:
+        meta = json.loads(md[META_KEY])
+    except ValueError:
+        raise ShardError(f"{path}: longtail metadata is not valid JSON") from None
     expect = {"format": FORMAT_VERSION, "campaign": campaign, "spec_hash": spec_hash, "run": run,
               "n_train": n_train, "n_test": n_test}
     for key, value in expect.items():
         if meta.get(key) != value:
             raise ShardError(f"{path}: metadata {key} is {meta.get(key)!r}, expected {value!r}"
                              + (" (a shard of another campaign or spec)" if key in ("campaign", "spec_hash") else ""))
-    source, filesystem = arrow_source(path)
     try:
-        table = pq.read_table(source, filesystem=filesystem, page_checksum_verification=True)
+        table = parquet.read()
     except (OSError, pa.ArrowException) as e:
         raise ShardError(f"{path}: unreadable ({e}); the file is corrupt") from None
     need = {"split", "example", "in_subset", "correct", "pred", "margin"}
@@ -146,17 +165,20 @@ def read_shard(path, *, campaign: str, spec_hash: str, run: int, n_train: int, n
                          f"{n_train + n_test}")
     split = np.asarray(table.column("split").combine_chunks().cast(pa.string()).to_numpy(zero_copy_only=False))
     example = table.column("example").to_numpy()
-    is_train = split == "train"
     if not ((split == "train") | (split == "test")).all():
         raise ShardError(f"{path}: column split holds values other than 'train' and 'test'")
-    out = {}
-    for name, sel, n in (("train", is_train, n_train), ("test", ~is_train, n_test)):
-        ex = example[sel]
-        if len(ex) != n or not np.array_equal(np.sort(ex), np.arange(n)):
-            raise ShardError(f"{path}: {name} rows do not cover examples 0..{n - 1} exactly once")
-        order = np.argsort(ex, kind="stable")
-        out[name] = np.flatnonzero(sel)[order]
-    tr, te = out["train"], out["test"]
+    is_train = split == "train"
+    written = np.r_[np.arange(n_train), np.arange(n_test)]
+    if is_train[:n_train].all() and np.array_equal(example, written):
+        tr, te = np.arange(n_train), np.arange(n_train, n_train + n_test)  # the order writers use
+    else:  # any other row order is fine too: rows are mapped to examples by (split, example)
+        out = {}
+        for name, sel, n in (("train", is_train, n_train), ("test", ~is_train, n_test)):
+            ex = example[sel]
+            if len(ex) != n or not np.array_equal(np.sort(ex), np.arange(n)):
+                raise ShardError(f"{path}: {name} rows do not cover examples 0..{n - 1} exactly once")
+            out[name] = np.flatnonzero(sel)[np.argsort(ex, kind="stable")]
+        tr, te = out["train"], out["test"]
     correct = table.column("correct")
     in_subset = table.column("in_subset")
     if correct.null_count or in_subset.take(pa.array(tr)).null_count:
