@@ -98,6 +98,10 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def _ray_init(address: str | None, campaign: Campaign, dashboard_host: str = "127.0.0.1"):
+    if address:
+        from .jobs import send_token_if_available
+
+        send_token_if_available()
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -225,7 +229,8 @@ def _dispatch(campaign: Campaign, agg: Aggregator, todo: list[int], done: set[in
                             group = []
                             while queue and len(group) < pack and queue[0] not in attempts:
                                 group.append(queue.popleft())
-                        ref = slot.actor.run_many.remote(
+                        # one task name per kind, so that the dashboard and `ray summary tasks` group them
+                        ref = slot.actor.run_many.options(name=f"longtail:{campaign.name}:runs").remote(
                             [(r, plan.masks[r], int(plan.seeds[r]), str(paths.shard(r))) for r in group])
                         in_flight[ref] = (group, slot)
                         slot.load += 1

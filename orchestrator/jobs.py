@@ -36,10 +36,18 @@ def _token_available() -> bool:
     return Path(path).is_file()
 
 
-def client(address: str):
+def send_token_if_available() -> None:
+    """Make this process's Ray client present the token (~/.ray/auth_token, RAY_AUTH_TOKEN[_PATH]).
+
+    Ray's clients send it only when RAY_AUTH_MODE=token, which Ray reads once, when it is first
+    imported: call this before importing ray. Without it every call to a token-protected cluster fails
+    (401 over HTTP, InvalidAuthToken over gRPC)."""
     if "RAY_AUTH_MODE" not in os.environ and _token_available():
-        # send the token: Ray clients do not unless told, and Ray reads this when it is first imported
         os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def client(address: str):
+    send_token_if_available()
     from ray.job_submission import JobSubmissionClient
 
     try:

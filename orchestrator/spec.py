@@ -89,6 +89,23 @@ class TrainSection:
     schedule: str = option("constant", "learning-rate schedule: 'constant', 'cosine' or 'linear' (decay to 0)",
                            lambda v: v in ("constant", "cosine", "linear"), "'constant', 'cosine' or 'linear'")
     label_smoothing: float = option(0.0, "cross-entropy label smoothing", lambda v: 0 <= v < 1, "a number in [0, 1)")
+    # The fast paths (docs/recipes.md). Each default is the behaviour from before they existed.
+    warmup_epochs: float = option(0.0, "epochs of linear learning-rate warm-up from 0 to lr, after which the schedule "
+                                  "runs over the remaining steps; 0 = none. Must be below epochs", _nonnegative,
+                                  "a number >= 0 (and < epochs)")
+    augment: str = option("none", "augmentation of each training batch, on the device: 'none', 'flip' (random "
+                          "horizontal flip) or 'flip-crop' (flip, then a random crop of the image zero-padded by "
+                          "crop_padding pixels); images only; evaluation is never augmented",
+                          lambda v: v in ("none", "flip", "flip-crop"), "'none', 'flip' or 'flip-crop'")
+    crop_padding: int = option(4, "pixels of zero padding on each side for augment = 'flip-crop' (the image moves "
+                               "by up to this many pixels)", _nonnegative, "an integer >= 0")
+    precision: str = option("fp32", "'fp32' or 'bf16' (bfloat16 autocast, on CUDA only: runs on a CPU train in "
+                            "fp32 and a warning says so)", lambda v: v in ("fp32", "bf16"), "'fp32' or 'bf16'")
+    channels_last: bool = option(False, "convolutions in the channels-last (NHWC) memory layout, on CUDA only; "
+                                 "faster for convnets with bf16", affects_results=False)
+    compile: bool = option(False, "torch.compile the model once per worker and reuse it across runs (each run "
+                           "still starts from its own seeded initialisation); pays off over many runs of a "
+                           "convnet on a GPU", affects_results=False)
     store: list[str] = option(["margin"], "per-example values written to every shard besides the prediction, "
                               "when the learner produces them: 'margin' (correct-class logit minus the best "
                               "other, float16) and/or 'probability' (softmax probability of the correct class)",
@@ -99,6 +116,11 @@ class TrainSection:
     trainer: str = option("", "optional plug-in 'package.module:function' replacing the torch recipe: "
                           "fn(dataset, train_indices, seed) -> (train_pred, test_pred)",
                           lambda v: v == "" or ":" in v, "'' or 'package.module:function'")
+
+    def __post_init__(self):
+        if self.warmup_epochs >= self.epochs:
+            raise SpecError(f"[train]: warmup_epochs = {self.warmup_epochs} must be below epochs = {self.epochs} "
+                            f"(the warm-up is part of the epochs); lower warmup_epochs or raise epochs")
 
 
 @dataclass(frozen=True)

@@ -73,19 +73,20 @@ def cluster():
                PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     gcs, dash, metrics = free_port(), free_port(), free_port()
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    # the head declares one (pretend) GPU, so that fractional-GPU packing is exercised without one
     try:
         # a head with RAY_AUTH_MODE=token needs a token first (docs/cluster.md)
         subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True,
                        timeout=60)
         subprocess.run([str(BIN / "ray"), "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
                         "--dashboard-port", str(dash), "--metrics-export-port", str(metrics),
-                        "--ray-client-server-port", str(free_port()), *common],
+                        "--ray-client-server-port", str(free_port()), "--num-gpus", "1", *common],
                        env=env, check=True, capture_output=True, timeout=120)
         subprocess.run([str(BIN / "ray"), "start", "--address", f"127.0.0.1:{gcs}", *common],
                        env=env, check=True, capture_output=True, timeout=120)
         token = (home / ".ray" / "auth_token").read_text().strip()
         yield {"env": env, "api": f"http://127.0.0.1:{dash}", "metrics": f"http://127.0.0.1:{metrics}/metrics",
-               "token": token, "home": home, "tmp": tmp}
+               "token": token, "home": home, "tmp": tmp, "gcs": f"127.0.0.1:{gcs}"}
     finally:
         for pid in processes_with(str(tmp)):
             try:
@@ -143,6 +144,8 @@ def test_submit_watch_stop_resubmit(cluster, tmp_path):
     # tasks and actors carry names that say campaign and role
     actors = json.loads(rest(cluster, "/api/v0/actors?limit=100"))["data"]["result"]["result"]
     assert any(a.get("name", "").startswith("longtail:onhead:worker-") for a in actors)
+    tasks = json.loads(rest(cluster, "/api/v0/tasks?limit=1000"))["data"]["result"]["result"]
+    assert any(t.get("name") == "longtail:onhead:runs" for t in tasks)
 
     stopped = longtail(cluster, "stop", first, "--address", cluster["api"])
     assert stopped.returncode == 0 and "STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
@@ -174,3 +177,17 @@ def test_submit_watch_stop_resubmit(cluster, tmp_path):
     assert 'campaign="onhead"' in metrics
     failed = longtail(cluster, "status", "no-such-job", "--address", cluster["api"])
     assert failed.returncode == 2 and "no job 'no-such-job'" in failed.stderr
+
+
+def test_fractional_gpus_pack_workers(cluster, tmp_path):
+    """gpus_per_worker = 0.5 puts two workers on the head's one GPU (a pretend one: Ray's resources are
+    logical, and the workers fall back to the CPU without CUDA), as on a real GPU node."""
+    spec = SPEC.replace("sleep = 0.25", "sleep = 0.05").replace('name = "onhead"', 'name = "halves"')
+    spec += "[resources]\ncpus_per_worker = 0.5\ngpus_per_worker = 0.5\n"
+    (tmp_path / "s.toml").write_text(spec)
+    r = longtail(cluster, "run", tmp_path / "s.toml", "--out", tmp_path / "c", "--address", cluster["gcs"],
+                 "--no-progress", "--top", "0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "60 runs to train on 2 workers" in r.stderr, r.stderr
+    metas = [json.loads(pq.read_schema(f).metadata[b"longtail"]) for f in (tmp_path / "c" / "runs").glob("*")]
+    assert len(metas) == 60 and len({m["node"] for m in metas}) == 1 and len({m["pid"] for m in metas}) == 2

@@ -3,12 +3,24 @@
 `train_run` is a plain function of (data on a device, subset, seed, [train] options): no Ray, no
 files. It returns the predicted label and the margin (correct-class logit minus the best other
 logit) of every train and test example, computed in eval mode.
+
+The fast paths ([train] augment, precision, channels_last, compile, warmup_epochs) follow airbench's
+recipe for many small runs (docs/recipes.md): the data stays resident on the device, and batches are
+augmented there with whole-batch tensor ops (no DataLoader, no per-example Python). Each of them is
+off by default, and with all of them off a run computes exactly what it did before they existed.
+
+Randomness of run `seed`, each from its own stream so that turning one feature on does not change
+the others' draws: initial weights from torch.manual_seed(seed), batch order from a CPU generator
+seeded seed + 1, augmentation from a generator on the data's device seeded from (seed, 2). On the
+CPU a run is therefore deterministic; on a GPU up to cuDNN's non-deterministic kernels.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +28,16 @@ import torch
 import torch.nn.functional as F
 
 from .results import RunFailed, RunOutput
+
+# [train] keys added with the fast paths, at their defaults: callers that build the [train] dict by hand
+# (tests, benchmarks, ensemble.py's callers) may leave them out.
+FAST_DEFAULTS = {"augment": "none", "crop_padding": 4, "precision": "fp32", "channels_last": False,
+                 "compile": False, "warmup_epochs": 0.0}
+AUGMENTS = ("none", "flip", "flip-crop")
+PRECISIONS = ("fp32", "bf16")
+
+# torch.compile's backend; tests swap in a counting backend to check that runs reuse the compiled graphs
+_COMPILE_BACKEND = "inductor"
 
 
 @dataclass
@@ -38,7 +60,13 @@ class DeviceData:
                    put(data.y_test, torch.long), data.num_classes, data.input_shape)
 
 
-def _lr_factor(schedule: str, step: int, total: int) -> float:
+def _lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:
+    """Learning-rate multiplier at 0-based `step` of `total`: a linear ramp to 1 over the first `warmup`
+    steps (reaching 1 at step warmup - 1), then `schedule` over the remaining total - warmup steps. With
+    warmup = 0 this is `schedule` over all steps, as before warm-up existed."""
+    if step < warmup:
+        return (step + 1) / warmup
+    step, total = step - warmup, total - warmup
     if schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * step / total))
     if schedule == "linear":
@@ -46,13 +74,142 @@ def _lr_factor(schedule: str, step: int, total: int) -> float:
     return 1.0
 
 
+def fast_options(train: dict) -> dict:
+    """The fast-path keys of a [train] dict, defaults filled in and checked (a hand-built dict bypasses
+    the spec's validation, so the message says what was expected)."""
+    o = {k: train.get(k, v) for k, v in FAST_DEFAULTS.items()}
+    if o["augment"] not in AUGMENTS:
+        raise ValueError(f"[train] augment must be one of {', '.join(AUGMENTS)}, found {o['augment']!r}")
+    if o["precision"] not in PRECISIONS:
+        raise ValueError(f"[train] precision must be one of {', '.join(PRECISIONS)}, found {o['precision']!r}")
+    if not (isinstance(o["crop_padding"], int) and o["crop_padding"] >= 0):
+        raise ValueError(f"[train] crop_padding must be an integer >= 0, found {o['crop_padding']!r}")
+    if not 0 <= o["warmup_epochs"] < train["epochs"]:
+        raise ValueError(f"[train] warmup_epochs must be in [0, epochs = {train['epochs']}), "
+                         f"found {o['warmup_epochs']!r}; lower it or raise epochs")
+    return o
+
+
+# --------------------------------------------------------------------------------------------------
+#  Mixed precision and memory format: CUDA only
+# --------------------------------------------------------------------------------------------------
+
+_warned_cpu_bf16 = False
+
+
+def _autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA. Elsewhere fp32, by design: CPU autocast is slower than fp32 on most CPUs
+    and would make CPU runs (tests, CPU workers) differ from what they are today. The run's results
+    are then exactly those of precision = "fp32"; a Python warning says so once per worker process."""
+    global _warned_cpu_bf16
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if not _warned_cpu_bf16:
+        _warned_cpu_bf16 = True
+        warnings.warn(f"[train] precision = 'bf16' applies on CUDA only; runs on {device.type} train in fp32 "
+                      f"(their results are those of precision = 'fp32')", RuntimeWarning, stacklevel=3)
+    return contextlib.nullcontext()
+
+
+def _memory_format(device: torch.device, channels_last: bool):
+    """channels_last (NHWC) on CUDA, where cuDNN's convolutions and tensor cores prefer it; on the CPU
+    runs keep the default layout so that their numbers do not change."""
+    return torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
+
+
+def _to_format(x: torch.Tensor, fmt) -> torch.Tensor:
+    return x.contiguous(memory_format=fmt) if x.dim() == 4 else x
+
+
+# --------------------------------------------------------------------------------------------------
+#  Augmentation: whole batches, on the device
+# --------------------------------------------------------------------------------------------------
+
+def augment_batch(x: torch.Tensor, kind: str, padding: int, gen: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip ("flip"), then a random crop of the batch zero-padded by `padding`
+    pixels on each side ("flip-crop": the image moves by up to `padding` pixels, as in the CIFAR
+    pipeline of Feldman & Zhang's code), drawn per example from `gen`. x: (batch, C, H, W)."""
+    if kind == "none":
+        return x
+    b, _, h, w = x.shape
+    dev = x.device
+    flip = torch.rand(b, generator=gen, device=dev) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if kind == "flip-crop" and padding > 0:
+        padded = F.pad(x, (padding, padding, padding, padding))
+        dy = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=dev)
+        dx = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=dev)
+        rows = dy[:, None, None] + torch.arange(h, device=dev)[None, :, None]  # (b, h, 1)
+        cols = dx[:, None, None] + torch.arange(w, device=dev)[None, None, :]  # (b, 1, w)
+        # one gather for the whole batch: advanced indices around the channel slice give (b, h, w, C)
+        x = padded[torch.arange(b, device=dev)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    return x
+
+
+def _augment_generator(seed: int, device: torch.device) -> torch.Generator:
+    # its own stream (not seed + 2, which may be another run's seed): SeedSequence mixes (seed, 2)
+    return torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([seed, 2]).generate_state(1)[0]))
+
+
+# --------------------------------------------------------------------------------------------------
+#  torch.compile: one compiled module per worker process, reused by every run
+# --------------------------------------------------------------------------------------------------
+#
+#  Compiling takes tens of seconds; a run of a small model takes a second. Compiling each run's fresh
+#  model would recompile every run (and Dynamo gives up and runs eagerly after a few recompiles).
+#  So the worker keeps ONE module and its compiled wrapper (the cache below: the module object, its
+#  parameter and buffer tensors, and Dynamo's compiled graphs for it); every run still starts from
+#  its own seeded initialisation: the run builds a fresh model exactly as without compile
+#  (torch.manual_seed(seed), then the factory) and copies its parameters and buffers into the cached
+#  module's tensors in place, so the compiled graphs, which read those tensors, stay valid. The
+#  optimizer, its momentum and the schedule are new in every run. A different factory, class count,
+#  input shape, device or memory format replaces the cached module.
+
+_compiled: dict = {}
+
+
+def _compiled_model(build, fresh: torch.nn.Module, key: tuple):
+    """(module to train, the same module uncompiled) for a run whose freshly initialised model is `fresh`."""
+    entry = _compiled.get("entry")
+    if entry is not None and entry[0] == key:
+        _, module, compiled = entry
+        src, dst = fresh.state_dict(keep_vars=True), module.state_dict(keep_vars=True)
+        if list(src) == list(dst) and all(src[k].shape == dst[k].shape for k in src):
+            with torch.no_grad():
+                for k, t in dst.items():
+                    t.copy_(src[k])
+            for p in module.parameters():
+                p.grad = None
+            return compiled, module
+    _compiled.clear()  # hold one model at most: a worker trains one model kind
+    compiled = torch.compile(fresh, backend=_COMPILE_BACKEND)
+    _compiled["entry"] = (key, fresh, compiled)
+    return compiled, fresh
+
+
+# --------------------------------------------------------------------------------------------------
+#  One run
+# --------------------------------------------------------------------------------------------------
+
 def train_run(build, data: DeviceData, train_idx: np.ndarray, seed: int, train: dict) -> RunOutput:
     """Train a fresh model from `build(num_classes, input_shape)` on examples `train_idx`, then evaluate all."""
+    fast = fast_options(train)
     device = data.x_train.device
+    fmt = _memory_format(device, fast["channels_last"])
+    if fast["augment"] != "none" and data.x_train.dim() != 4:
+        raise RunFailed(f"[train] augment = {fast['augment']!r} needs image inputs (channels, height, width); "
+                        f"the dataset's inputs have shape {tuple(data.input_shape)}; set augment = 'none'")
     torch.manual_seed(seed)  # weight initialisation
     shuffle = torch.Generator(device="cpu").manual_seed(seed + 1)
-    model = build(data.num_classes, data.input_shape).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    model = build(data.num_classes, data.input_shape).to(device, memory_format=fmt)
+    trained, plain = model, model
+    if fast["compile"]:
+        key = (build, data.num_classes, tuple(data.input_shape), str(device), fmt)
+        trained, plain = _compiled_model(build, model, key)
+    aug = _augment_generator(seed, device) if fast["augment"] != "none" else None
+    params = [p for p in plain.parameters() if p.requires_grad]
     if train["optimizer"] == "adam":
         opt = torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
     else:
@@ -64,38 +221,51 @@ def train_run(build, data: DeviceData, train_idx: np.ndarray, seed: int, train: 
     m, bs = len(idx), train["batch_size"]
     steps_per_epoch = max(1, math.ceil(m / bs))
     total = train["epochs"] * steps_per_epoch
+    warmup = round(fast["warmup_epochs"] * steps_per_epoch)
     step = 0
     loss = torch.zeros(())
     start = time.perf_counter()
-    model.train()
+    trained.train()
     for epoch in range(train["epochs"]):
         order = torch.randperm(m, generator=shuffle).to(device)
         for b in range(steps_per_epoch):
             batch = order[b * bs:(b + 1) * bs]
             for group in opt.param_groups:
-                group["lr"] = train["lr"] * _lr_factor(train["schedule"], step, total)
-            loss = F.cross_entropy(model(x[batch]), y[batch], label_smoothing=train["label_smoothing"])
+                group["lr"] = train["lr"] * _lr_factor(train["schedule"], step, total, warmup)
+            xb = x[batch]
+            if aug is not None:
+                xb = augment_batch(xb, fast["augment"], fast["crop_padding"], aug)
+            with _autocast(device, fast["precision"]):
+                logits = trained(_to_format(xb, fmt))
+                loss = F.cross_entropy(logits.float(), y[batch], label_smoothing=train["label_smoothing"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-        if not torch.isfinite(loss):
+        if not torch.isfinite(loss):  # also waits for the device: train_seconds below is real time
             raise RunFailed(f"training loss became {loss.item()} in epoch {epoch + 1}/{train['epochs']}; "
                             f"lower [train] lr (now {train['lr']}) or check the data")
     train_seconds = time.perf_counter() - start
-    train_pred, train_values = evaluate(model, data.x_train, data.y_train, train["eval_batch_size"])
-    test_pred, test_values = evaluate(model, data.x_test, data.y_test, train["eval_batch_size"])
+    # evaluated uncompiled: one forward per example is a small share of a run, and a compiled eval
+    # graph would add a compile (and one more per new batch size) for little gain
+    kw = {"precision": fast["precision"], "channels_last": fast["channels_last"]}
+    train_pred, train_values = evaluate(plain, data.x_train, data.y_train, train["eval_batch_size"], **kw)
+    test_pred, test_values = evaluate(plain, data.x_test, data.y_test, train["eval_batch_size"], **kw)
     return RunOutput(train_pred, test_pred, train_values, test_values, train_seconds, float(loss.item()))
 
 
 @torch.no_grad()
-def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[np.ndarray, dict]:
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, precision: str = "fp32",
+             channels_last: bool = False) -> tuple[np.ndarray, dict]:
     """Predicted labels, margins and correct-class probabilities of every example, in eval mode
-    (batch norm and dropout frozen)."""
+    (batch norm and dropout frozen), never augmented; `precision` and `channels_last` as in training
+    (CUDA only), margins and probabilities computed from float32 logits."""
     model.eval()
+    fmt = _memory_format(x.device, channels_last)
     preds, margins, probs = [], [], []
     for s in range(0, len(y), batch_size):
-        logits = model(x[s:s + batch_size]).float()
+        with _autocast(x.device, precision):
+            logits = model(_to_format(x[s:s + batch_size], fmt)).float()
         yb = y[s:s + batch_size]
         own = logits.gather(1, yb[:, None])[:, 0]
         others = logits.scatter(1, yb[:, None], float("-inf")).amax(dim=1)
