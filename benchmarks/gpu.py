@@ -1,0 +1,382 @@
+"""The GPU benchmark: three measurements, each a ratio of two ways measured side by side, in one call.
+
+    bash benchmarks/gpu.sh                # on one GPU: a few minutes
+    bash benchmarks/gpu.sh --dry-run      # any machine, CPU only, tiny sizes, seconds (what tests run)
+    bash benchmarks/gpu.sh --only a,c --epochs 2 --json out.json
+
+(a) time per model of the fast CIFAR recipe (workers/recipes/cifar_airbench.py: airbench net,
+    bf16, channels_last, torch.compile) against its single-model baseline (the same recipe in fp32,
+    NCHW, eager), with the two steps in between, on 70% subsets of a CIFAR-10-shaped synthetic
+    dataset generated on the device (no downloads), for a few epochs. Every configuration first
+    trains one untimed run (cuDNN autotuning, and compilation where compile is on: reported as
+    "first run"), then `--runs` timed runs on other subsets and seeds. Times are train_run's, what
+    a worker spends per run: the training loop, then the evaluation of all 60,000 examples.
+(b) packing: K runs one after the other in this process against K runs at once in K processes
+    sharing the GPU (what [resources] gpus_per_worker = 1/K does: K Ray workers on one GPU). Each
+    process builds its data and trains one untimed run first; then all start together and the wall
+    time until the last one finishes is compared with K sequential runs. Eager bf16 + channels_last
+    (compiling in K processes would take K compilations).
+(c) the influence GEMM of a CIFAR-100-sized campaign, A = M^T C with M the (4,000 runs x 50,000)
+    0/1 masks and C the (4,000 x 10,000) 0/1 test correctness: TFLOP/s (2 n t n_test / time) of each
+    way to compute the counts, and whether the counts are exact: compared, on the first rows, with a
+    float64 product. bf16 products are exact only with fp32 accumulation *and* output
+    (torch.mm(..., out_dtype=torch.float32), CUDA only); a bf16 output rounds counts above 256;
+    int8 -> int32 (torch._int_mm) is exact.
+
+--dry-run runs every step on the CPU at tiny sizes (the report has the same form; its times say
+nothing about a GPU). On the CPU, bf16 and channels_last are ignored by train_run and compile uses
+Dynamo's "eager" backend (inductor would compile C++ for minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+SIZES = {
+    # n: training examples, side: image side, epochs/runs per configuration, k: packed runs,
+    # gemm: (n_train, runs t, n_test), check_rows: rows of A compared with float64
+    "full": dict(n_train=50_000, n_test=10_000, side=32, classes=10, epochs=4, runs=3, k=4,
+                 gemm=(50_000, 4_000, 10_000), check_rows=4096, repeats=5, model=None, batch=None),
+    "dry": dict(n_train=512, n_test=128, side=16, classes=10, epochs=1, runs=2, k=2,
+                gemm=(640, 1_000, 256), check_rows=640, repeats=2,
+                model={"widths": [8, 16, 16], "stem_channels": 8}, batch=128),
+}
+RATIO = 0.7  # the paper's subset ratio
+
+
+# --------------------------------------------------------------------------------------------------
+#  Setup shared by (a) and (b)
+# --------------------------------------------------------------------------------------------------
+
+def synthetic_cifar(cfg: dict, device: torch.device, seed: int = 0):
+    """A CIFAR-10-shaped dataset made on the device: each class a smooth random template (8x8 noise
+    upsampled), each image its class's template plus pixel noise, standardised. Learnable, not trivial."""
+    from workers.training import DeviceData
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    side, k = cfg["side"], cfg["classes"]
+    templates = F.interpolate(torch.randn(k, 3, 8, 8, generator=g, device=device), size=(side, side),
+                              mode="bilinear", align_corners=False)
+
+    def split(n: int):
+        y = torch.randint(0, k, (n,), generator=g, device=device)
+        x = templates[y] + 2.0 * torch.randn(n, 3, side, side, generator=g, device=device)
+        return (x - x.mean()) / x.std(), y
+
+    x_train, y_train = split(cfg["n_train"])
+    x_test, y_test = split(cfg["n_test"])
+    return DeviceData(x_train, y_train, x_test, y_test, k, (3, side, side))
+
+
+def recipe(cfg: dict) -> tuple[dict, dict]:
+    """The cifar10-airbench recipe's [model] and resolved [train] (all keys), shortened to cfg's epochs."""
+    from orchestrator.spec import TrainSection, parse_section
+    from workers.recipes import recipe_sections
+
+    sections = recipe_sections("cifar10-airbench")
+    model = {**sections["model"], **(cfg["model"] or {})}
+    raw = dict(sections["train"])
+    # keep the recipe's warm-up share (2.3 of 10 epochs) at the shorter length
+    raw["warmup_epochs"] = raw["warmup_epochs"] * cfg["epochs"] / raw["epochs"]
+    raw["epochs"] = cfg["epochs"]
+    if cfg["batch"]:
+        raw["batch_size"] = cfg["batch"]
+    import dataclasses
+
+    return model, dataclasses.asdict(parse_section(TrainSection, raw, "[train] of recipe cifar10-airbench"))
+
+
+def subset(n: int, seed: int) -> np.ndarray:
+    return np.sort(np.random.default_rng([seed, 7]).choice(n, round(RATIO * n), replace=False))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_run(build, data, seed: int, train: dict) -> tuple[float, float, float]:
+    """(wall seconds of train_run, its training-loop seconds, test accuracy) of one run."""
+    from workers.training import train_run
+
+    sync(data.x_train.device)
+    start = time.perf_counter()
+    out = train_run(build, data, subset(len(data.y_train), seed), seed, train)
+    wall = time.perf_counter() - start
+    acc = float((out.test_pred == data.y_test.cpu().numpy()).mean())
+    return wall, out.train_seconds, acc
+
+
+# --------------------------------------------------------------------------------------------------
+#  (a) fast recipe vs baseline, time per model
+# --------------------------------------------------------------------------------------------------
+
+CONFIGS = [  # (label, overrides of the recipe's [train]); the first is the baseline
+    ("baseline  fp32, NCHW, eager", dict(precision="fp32", channels_last=False, compile=False)),
+    ("          bf16, NCHW, eager", dict(precision="bf16", channels_last=False, compile=False)),
+    ("          bf16, NHWC, eager", dict(precision="bf16", channels_last=True, compile=False)),
+    ("fast      bf16, NHWC, compiled", dict(precision="bf16", channels_last=True, compile=True)),
+]
+
+
+def section_a(cfg: dict, device: torch.device, data, out: dict) -> None:
+    from workers.models import model_factory
+
+    model, train = recipe(cfg)
+    build = model_factory({"name": "airbench", **model})
+    m = round(RATIO * cfg["n_train"])
+    print(f"== (a) fast CIFAR recipe vs its baseline: airbench net, {m:,} of {cfg['n_train']:,} synthetic "
+          f"{cfg['side']}x{cfg['side']} images per run, {train['epochs']} epochs, batch {train['batch_size']}, "
+          f"then all {cfg['n_train'] + cfg['n_test']:,} examples evaluated")
+    print(f"   {'configuration':<31} {'first run':>10} {'per model':>10} {'train loop':>11} {'test acc':>9} "
+          f"{'speed-up':>9}")
+    rows = []
+    for label, over in CONFIGS:
+        t = {**train, **over}
+        first = timed_run(build, data, 1000, t)  # cuDNN autotuning, compilation
+        runs = [timed_run(build, data, seed, t) for seed in range(cfg["runs"])]
+        wall = statistics.median(r[0] for r in runs)
+        loop = statistics.median(r[1] for r in runs)
+        acc = statistics.mean(r[2] for r in runs)
+        rows.append(dict(config=label.split(maxsplit=1)[-1] if label[0] == " " else label, overrides=over,
+                         first_run_s=first[0], per_model_s=wall, train_loop_s=loop, test_acc=acc,
+                         runs=[r[0] for r in runs]))
+        speedup = rows[0]["per_model_s"] / wall
+        print(f"   {label:<31} {first[0]:>9.2f}s {wall:>9.3f}s {loop:>10.3f}s {acc:>9.3f} {speedup:>8.2f}x")
+    base, fast = rows[0], rows[-1]
+    ratio = base["per_model_s"] / fast["per_model_s"]
+    print(f"   ratio (a): baseline / fast time per model = {base['per_model_s']:.3f} s / {fast['per_model_s']:.3f} s "
+          f"= {ratio:.2f}x (training loop alone {base['train_loop_s'] / fast['train_loop_s']:.2f}x); "
+          f"compiling costs {max(0.0, fast['first_run_s'] - fast['per_model_s']):.1f} s once per worker; "
+          f"median of {cfg['runs']} runs each")
+    out["a"] = dict(rows=rows, ratio=ratio)
+
+
+# --------------------------------------------------------------------------------------------------
+#  (b) K runs sequentially vs K processes sharing the device
+# --------------------------------------------------------------------------------------------------
+
+PACK_OVERRIDES = dict(precision="bf16", channels_last=True, compile=False)
+
+
+def _pack_child(rank: int, cfg: dict, device_name: str, barrier, results) -> None:
+    """One of K processes: build the data, train one untimed run, wait for the others, train one run."""
+    try:
+        from workers.models import model_factory
+
+        device = torch.device(device_name)
+        if device.type == "cpu":
+            torch.set_num_threads(1)
+        data = synthetic_cifar(cfg, device)
+        model, train = recipe(cfg)
+        train = {**train, **PACK_OVERRIDES}
+        build = model_factory({"name": "airbench", **model})
+        timed_run(build, data, 2000 + rank, train)  # warm-up: cuDNN autotuning, allocator
+        barrier.wait()
+        wall, _, acc = timed_run(build, data, rank, train)
+        results.put((rank, wall, acc, None))
+    except BaseException:  # noqa: BLE001 - report every failure to the parent, never hang it
+        barrier.abort()
+        results.put((rank, None, None, traceback.format_exc()))
+
+
+def section_b(cfg: dict, device: torch.device, data, out: dict) -> None:
+    import multiprocessing as mp
+
+    from workers.models import model_factory
+
+    k = cfg["k"]
+    model, train = recipe(cfg)
+    train = {**train, **PACK_OVERRIDES}
+    build = model_factory({"name": "airbench", **model})
+    print(f"== (b) packing: {k} runs one after the other in one process vs {k} processes sharing the "
+          f"{device.type.upper()} (eager bf16 + channels_last, {train['epochs']} epochs each)")
+    timed_run(build, data, 2000, train)  # warm-up, as each child does
+    sync(device)
+    start = time.perf_counter()
+    seq = [timed_run(build, data, r, train) for r in range(k)]
+    seq_wall = time.perf_counter() - start
+
+    ctx = mp.get_context("spawn")  # CUDA cannot be forked
+    barrier, results = ctx.Barrier(k + 1), ctx.Queue()
+    procs = [ctx.Process(target=_pack_child, args=(r, cfg, str(device), barrier, results), daemon=True)
+             for r in range(k)]
+    for p in procs:
+        p.start()
+    timeout = 900 if device.type == "cuda" else 300
+    try:
+        barrier.wait(timeout=timeout)
+    except Exception:  # a child failed before the start (it aborted the barrier) or never got there
+        pass
+    start = time.perf_counter()
+    got = [results.get(timeout=timeout) for _ in range(k)]
+    par_wall = time.perf_counter() - start
+    for p in procs:
+        p.join(timeout=60)
+    errors = [g[3] for g in got if g[3]]
+    if errors:
+        raise RuntimeError(f"a packed process failed:\n{errors[0]}")
+    ratio = seq_wall / par_wall
+    print(f"   {k} sequential runs          {seq_wall:>8.2f} s   ({seq_wall / k:.3f} s per run, "
+          f"test acc {statistics.mean(s[2] for s in seq):.3f})")
+    print(f"   {k} concurrent processes     {par_wall:>8.2f} s   (each run {min(g[1] for g in got):.3f}-"
+          f"{max(g[1] for g in got):.3f} s, test acc {statistics.mean(g[2] for g in got):.3f})")
+    print(f"   ratio (b): throughput of {k} processes / sequential = {seq_wall:.2f} s / {par_wall:.2f} s = "
+          f"{ratio:.2f}x (1.0 = no gain from sharing; {k:.1f} = perfect)")
+    out["b"] = dict(k=k, sequential_s=seq_wall, concurrent_s=par_wall, ratio=ratio,
+                    concurrent_runs_s=[g[1] for g in got])
+
+
+# --------------------------------------------------------------------------------------------------
+#  (c) the influence GEMM
+# --------------------------------------------------------------------------------------------------
+
+def _time(fn, device: torch.device, repeats: int) -> tuple[float, torch.Tensor]:
+    result = fn()  # warm-up: cuBLAS handles and heuristics
+    times = []
+    for _ in range(repeats):
+        del result
+        sync(device)
+        start = time.perf_counter()
+        result = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def section_c(cfg: dict, device: torch.device, out: dict) -> None:
+    n, t, n_test = cfg["gemm"]
+    rows = min(cfg["check_rows"], n)
+    flop = 2 * n * t * n_test
+    print(f"== (c) influence GEMM A = M^T C: M ({t:,} runs x {n:,} train) and C ({t:,} x {n_test:,} test) of 0/1, "
+          f"{flop / 1e12:.2f} TFLOP per product; counts checked against float64 on the first {rows:,} rows")
+    g = torch.Generator(device=device).manual_seed(0)
+    mask = torch.rand(t, n, generator=g, device=device) < RATIO
+    correct = torch.rand(t, n_test, generator=g, device=device) < 0.75
+    reference = torch.mm(mask[:, :rows].t().double(), correct.double())  # exact: integers far below 2^53
+    mb, cb = mask.to(torch.bfloat16), correct.to(torch.bfloat16)
+    prev_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 product (0/1 inputs would be exact in TF32 too)
+
+    def int8():
+        return torch._int_mm(mi, ci)
+
+    mi = ci = None
+    ways = [  # (key in the JSON, label, product)
+        ("bf16-fp32", "bf16 in, fp32 out  torch.mm(out_dtype=float32)",
+         lambda: torch.mm(mb.t(), cb, out_dtype=torch.float32)),
+        ("int8-int32", "int8 in, int32 out torch._int_mm", int8),
+        ("fp32", "fp32               torch.mm", lambda: torch.mm(mask.t().float(), correct.float())),
+        ("bf16-bf16", "bf16 in, bf16 out  torch.mm (rounds above 256)", lambda: torch.mm(mb.t(), cb)),
+    ]
+    print(f"   {'way':<48} {'seconds':>9} {'TFLOP/s':>9}  counts")
+    results = []
+    try:
+        for key, label, fn in ways:
+            try:
+                if fn is int8 and mi is None:
+                    mi = mask.t().contiguous().to(torch.int8)  # (n, t): how a store would keep it for this GEMM
+                    ci = correct.to(torch.int8)
+                seconds, a = _time(fn, device, cfg["repeats"])
+            except (RuntimeError, NotImplementedError, TypeError) as e:
+                msg = f"{type(e).__name__}: {str(e).split('. ')[0].splitlines()[0][:100]}"
+                print(f"   {label:<48} {'-':>9} {'-':>9}  not available on {device.type}: {msg}")
+                results.append(dict(key=key, way=label, available=False, error=msg))
+                continue
+            err = float((a[:rows].double() - reference).abs().max())
+            del a
+            verdict = "exact" if err == 0 else f"INEXACT (max error {err:g})"
+            print(f"   {label:<48} {seconds:>9.4f} {flop / seconds / 1e12:>9.1f}  {verdict}")
+            results.append(dict(key=key, way=label, available=True, seconds=seconds, tflops=flop / seconds / 1e12,
+                                max_error=err))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev_tf32
+    exact = [r for r in results if r.get("available") and r["max_error"] == 0]
+    fp32 = next((r for r in results if r["key"] == "fp32" and r["available"]), None)
+    if exact:
+        best = max(exact, key=lambda r: r["tflops"])
+        ratio = f" = {best['tflops'] / fp32['tflops']:.2f}x the fp32 product" if fp32 else ""
+        print(f"   ratio (c): fastest exact way: {best['way'].split('  ')[0]}, {best['tflops']:.1f} TFLOP/s{ratio}")
+    else:
+        print("   ratio (c): no exact way ran")
+    out["c"] = dict(shape=dict(n=n, t=t, n_test=n_test), ways=results)
+
+
+# --------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, seconds: checks that every step runs")
+    ap.add_argument("--only", default="a,b,c", help="sections to run, e.g. 'a,c' (default: all)")
+    ap.add_argument("--epochs", type=int, help="epochs per run in (a) and (b) (default 4; dry run 1)")
+    ap.add_argument("--runs", type=int, help="timed runs per configuration in (a) (default 3)")
+    ap.add_argument("--k", type=int, help="packed runs / processes in (b) (default 4)")
+    ap.add_argument("--json", help="also write the measurements to this file")
+    a = ap.parse_args(argv)
+    cfg = dict(SIZES["dry" if a.dry_run else "full"])
+    for key in ("epochs", "runs", "k"):
+        if getattr(a, key):
+            cfg[key] = getattr(a, key)
+    only = {s.strip() for s in a.only.split(",") if s.strip()}
+    if not only <= {"a", "b", "c"}:
+        ap.error(f"--only takes sections from a, b, c; found {a.only!r}")
+
+    if a.dry_run:
+        device = torch.device("cpu")
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        print("error: no CUDA device found (torch.cuda.is_available() is False); run with --dry-run to check the "
+              "script on a CPU, or run it on a machine with a GPU", file=sys.stderr)
+        return 2
+    import workers.training as training
+
+    if device.type == "cpu":
+        training._COMPILE_BACKEND = "eager"  # Dynamo without inductor's C++ compilation: checks the path only
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"longtail GPU benchmark{' (DRY RUN: CPU, tiny sizes; times mean nothing)' if a.dry_run else ''}")
+    print(f"device {device} ({name}); torch {torch.__version__}, CUDA {torch.version.cuda}; "
+          f"cudnn.benchmark={torch.backends.cudnn.benchmark}, cudnn TF32={torch.backends.cudnn.allow_tf32}; "
+          f"compile backend {training._COMPILE_BACKEND}")
+    out: dict = {"device": str(device), "device_name": name, "torch": torch.__version__, "dry_run": a.dry_run,
+                 "sizes": cfg}
+    failed = []
+    data = synthetic_cifar(cfg, device) if only & {"a", "b"} else None
+    for key, fn, args in (("a", section_a, (cfg, device, data, out)), ("b", section_b, (cfg, device, data, out)),
+                          ("c", section_c, (cfg, device, out))):
+        if key not in only:
+            continue
+        start = time.perf_counter()
+        try:
+            fn(*args)
+        except Exception:  # report and go on: one broken section should not hide the others
+            failed.append(key)
+            print(f"   section ({key}) FAILED:\n" + traceback.format_exc())
+        print(f"   ({key}) took {time.perf_counter() - start:.1f} s")
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2, default=str))
+    if failed:
+        print(f"failed sections: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""`longtail plan`: what a campaign will cost, measured before it is launched.
+
+A short pilot campaign (the spec with `runs = --pilot`, same dataset, recipe and [resources], in a
+temporary directory that is deleted afterwards) runs on the target cluster (the embedded local Ray,
+or --address). From it:
+
+    seconds per run   pilot training wall time x workers it used / runs it trained (one worker's
+                      time per run, at the pilot's packing)
+    throughput        workers the cluster fits / seconds per run
+    wall time         planned runs / throughput + the pilot's start-up (Ray, workers, final estimates)
+    compute           wall x workers x gpus_per_worker GPU-hours (or x cpus_per_worker CPU core-hours)
+    storage           pilot bytes per shard x planned runs + plan + estimates (+ dense influence,
+                      2 x 4 x n_train x n_test bytes per target when the influence mode is dense) +
+                      the fold checkpoint
+    precision         the paper's bound (estimators.estimates.error_bound) at the planned runs, and the
+                      expected plug-in standard error of every memorization estimate,
+                      se_i(t) = sqrt(p_in(1 - p_in) / (q t) + p_out(1 - p_out) / ((1 - q) t)),
+                      with p_in, p_out the pilot's in- and held-out accuracy of example i and q the
+                      share of runs that train on an example (the subset ratio; 1/2 for paired),
+                      over examples: median and 90th percentile; and the runs each target needs.
+
+Numbers are pure functions below; Ray and files stay in `measure_pilot` and the command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import click
+import numpy as np
+
+from estimators.estimates import error_bound
+
+from . import spec as specs
+from .campaign import CampaignError
+
+DEFAULT_TARGET_SE = 0.05
+TOPK_ROW_BYTES = 26  # test int32, rank int16, train int32, infl/se/ci_low/ci_high float32 (uncompressed)
+
+
+class PilotError(CampaignError):
+    """The pilot could not measure anything; says why (the first failure) and what to try."""
+
+
+# --- numeric parts (pure) -------------------------------------------------------------------------
+
+
+def seconds_per_run(training_seconds: float, workers_used: int, trained: int) -> float:
+    """One worker's wall time per run: the pilot kept `workers_used` workers busy for
+    `training_seconds` and finished `trained` runs."""
+    return training_seconds * max(1, workers_used) / trained
+
+
+def recommended_pilot(workers: int, pack: int) -> int:
+    """A pilot that keeps every worker busy for two full calls, as the campaign will: a smaller one
+    measures one worker alone, without the contention between workers (shared cores, memory bandwidth,
+    the driver's folding), and its per-run time comes out optimistic."""
+    return 2 * workers * pack
+
+
+def wall_seconds(runs: int, runs_per_second: float, startup_seconds: float) -> float:
+    return runs / runs_per_second + startup_seconds
+
+
+def compute_hours(wall: float, workers: int, per_worker: float) -> float:
+    """GPU-hours (per_worker = gpus_per_worker) or CPU core-hours (per_worker = cpus_per_worker)."""
+    return wall / 3600.0 * workers * per_worker
+
+
+def main_ratio_runs(runs: int, design: str, n_ratios: int, primary: int) -> int:
+    """How many of `runs` use the main subset ratio (run r uses ratio r mod K; pairs share one)."""
+    r = np.arange(runs)
+    which = (r // 2) % n_ratios if design == "paired" else r % n_ratios
+    return int((which == primary).sum())
+
+
+def in_share(design: str, ratio: float) -> float:
+    """Expected share of the main ratio's runs that train on a given example: the ratio, except in
+    the paired design, where every example is in exactly one run of each pair."""
+    return 0.5 if design == "paired" else ratio
+
+
+def variance_per_run(acc_in: np.ndarray, acc_out: np.ndarray, share: float) -> np.ndarray:
+    """V_i such that the plug-in standard error of mem(i) after t runs is sqrt(V_i / t):
+    V_i = p_in(1 - p_in) / q + p_out(1 - p_out) / (1 - q), since n_in = q t and n_out = (1 - q) t."""
+    return acc_in * (1 - acc_in) / share + acc_out * (1 - acc_out) / (1 - share)
+
+
+def expected_se(v: np.ndarray, runs: float) -> np.ndarray:
+    return np.sqrt(v / runs)
+
+
+def runs_for_se(v: float, target: float) -> int:
+    """Main-ratio runs for sqrt(v / t) <= target (at least 2: a campaign's minimum)."""
+    return max(2, math.ceil(v / (target * target))) if target > 0 else sys.maxsize
+
+
+def runs_for_bound(target: float, ratio: float) -> int:
+    """Smallest t with error_bound(t, ratio) <= target; the bound falls monotonically in t."""
+    if target <= 0:
+        return sys.maxsize
+    hi = 2
+    while error_bound(hi, ratio) > target:
+        hi *= 2
+    lo = hi // 2
+    while lo + 1 < hi:  # invariant: bound(lo) > target >= bound(hi), or lo is below the first probe
+        mid = (lo + hi) // 2
+        if error_bound(mid, ratio) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return max(2, hi)
+
+
+def influence_bytes(mode: str, n_train: int, n_test: int, targets: int, same_class_cells: int, top_k: int) -> int:
+    """estimates/ influence files: dense = estimate and standard error, float32, per target; per-class the
+    same over same-class (train, test) cells; topk = top_k rows per test example (upper bound, uncompressed)."""
+    if mode == "dense":
+        return 2 * 4 * n_train * n_test * targets
+    if mode == "per-class":
+        return 2 * 4 * same_class_cells * targets
+    if mode == "topk":
+        return TOPK_ROW_BYTES * n_test * top_k * targets
+    return 0
+
+
+def checkpoint_bytes(mode: str, n_train: int, n_test: int, runs: int, soft: int, per_example: int) -> int:
+    """state/fold.npz: dense sums M^T X (float32; soft targets also their squares) when influence is dense,
+    every run's test outcomes (bit-packed 0/1, float16 soft values), and per-example sums."""
+    dense = 4 * n_train * n_test * (1 + 2 * soft) if mode == "dense" else 0
+    return dense + runs * ((n_test + 7) // 8 + 2 * n_test * soft) + per_example
+
+
+def plan_bytes(runs: int, n_train: int, examples_bytes: int) -> int:
+    """plan/: bit-packed masks, int64 seeds, int8 ratio index per run, and examples.parquet."""
+    return runs * ((n_train + 7) // 8 + 8 + 1) + examples_bytes
+
+
+# --- the pilot ------------------------------------------------------------------------------------
+
+
+def _say(msg: str) -> None:
+    print(f"longtail: {msg}", file=sys.stderr, flush=True)
+
+
+def pilot_spec(spec: specs.Spec, pilot: int) -> specs.Spec:
+    """The spec with `pilot` runs (rounded up to whole pairs for the paired design), a name of its own,
+    and the estimates cut to what the pilot needs (no influence, no split halves, no early stop)."""
+    c = spec.campaign
+    k = len(c.ratios)
+    step = 2 * k if c.design == "paired" else 1
+    runs = max(pilot, 2, k) if step == 1 else max(step, -(-pilot // step) * step)
+    name = (c.name[:58] + "-pilot")
+    return spec.replace(campaign=dataclasses.replace(c, runs=runs, name=name),
+                        estimates=dataclasses.replace(spec.estimates, influence="none", split_half=False,
+                                                      target_se=0.0))
+
+
+def measure_pilot(spec: specs.Spec, pilot: int, address: str | None, progress: bool = True,
+                  spec_source: str = "") -> dict:
+    """Run the pilot on the target cluster and return the plan (a JSON-safe dict)."""
+    import pyarrow.parquet as pq
+
+    from workers.shard import read_meta
+
+    from .aggregate import influence_mode
+    from .campaign import create_or_open
+    from .driver import _ray_init, run_campaign
+    from .pool import WorkerPool
+
+    pspec = pilot_spec(spec, pilot)
+    tmp = Path(tempfile.mkdtemp(prefix="longtail-pilot-"))
+    root = tmp / "campaign"
+    started = time.monotonic()
+    _say(f"pilot: {pspec.campaign.runs} runs of {spec.campaign.name!r} in {tmp} (removed afterwards)")
+    try:
+        campaign = create_or_open(pspec, root)
+        t0 = time.monotonic()
+        ray, owned, _ = _ray_init(address, campaign)
+        ray_seconds = time.monotonic() - t0
+        try:
+            cluster = ray.cluster_resources()
+            workers = WorkerPool(ray, campaign, _say).fit()
+            try:
+                report = run_campaign(campaign, address=address, progress=progress)
+            except CampaignError as e:  # e.g. the failure budget: its "longtail resume" hint does not apply here
+                first = _first_failure(campaign.paths)
+                raise PilotError(f"the pilot campaign failed: " + (
+                    f"{len(campaign.failed_runs())} of {pspec.campaign.runs} runs failed; first failure: {first}. "
+                    f"Fix the cause (`longtail validate {spec_source or 'SPEC'}` checks the spec), then plan again"
+                    if first else str(e))) from None
+        finally:
+            if owned:
+                ray.shutdown()
+        paths = campaign.paths
+        shards = sorted(paths.runs_dir.glob("run-*.parquet"))
+        if report.trained == 0 or not shards:
+            reasons = campaign.failure_reasons()
+            first = _first_failure(paths)
+            raise PilotError(f"no pilot run finished ({len(report.failed)} of {pspec.campaign.runs} failed); first "
+                             f"failure: {first or next(iter(reasons), 'unknown')}. Fix the cause (check the spec with "
+                             f"`longtail validate {spec_source or 'SPEC'}`), then plan again")
+        metas = [read_meta(p) for p in shards]
+        mem = pq.read_table(paths.memorization, columns=["acc_in", "acc_out"])
+        acc_in = mem.column("acc_in").to_numpy(zero_copy_only=False).astype(np.float64)
+        acc_out = mem.column("acc_out").to_numpy(zero_copy_only=False).astype(np.float64)
+        measured = {
+            "pilot_runs": pspec.campaign.runs, "trained": report.trained,
+            "failed": len(report.failed), "first_failure": _first_failure(paths) if report.failed else None,
+            "training_seconds": report.training_seconds,
+            "startup_seconds": ray_seconds + report.seconds - report.training_seconds,
+            "seconds": time.monotonic() - started,
+            "workers_used": len({(m.get("host"), m.get("pid")) for m in metas}),
+            "train_seconds_mean": float(np.mean([m.get("train_seconds", np.nan) for m in metas])),
+            "test_acc_mean": float(np.mean([m["test_acc"] for m in metas])),
+            "test_acc_sd": float(np.std([m["test_acc"] for m in metas])),
+            "bytes_per_shard": float(np.mean([p.stat().st_size for p in shards])),
+            "examples_bytes": paths.examples.stat().st_size,
+            "memorization_bytes": paths.memorization.stat().st_size,
+            "fold_bytes": paths.checkpoint.stat().st_size if paths.checkpoint.exists() else 0,
+        }
+        shape = SimpleNamespace(spec=spec, n_train=campaign.n_train, n_test=campaign.n_test)
+        labels = campaign.labels
+        cells = int(sum(int((labels["train_labels"] == k).sum()) * int((labels["test_labels"] == k).sum())
+                        for k in np.unique(labels["train_labels"])))
+        plan = build_plan(spec, measured, workers, cluster, influence_mode(shape), campaign.n_train, campaign.n_test,
+                          cells, acc_in, acc_out)
+        plan["pilot"]["directory"] = str(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    plan["pilot"]["directory_removed"] = not tmp.exists()
+    plan["spec_file"] = spec_source
+    plan["target"] = address or "embedded local Ray"
+    return plan
+
+
+def _first_failure(paths) -> str | None:
+    if not paths.failed_dir.exists():
+        return None
+    for p in sorted(paths.failed_dir.glob("run-*.json")):
+        try:
+            return json.loads(p.read_text()).get("reason")
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def build_plan(spec: specs.Spec, m: dict, workers: int, cluster: dict, mode: str, n_train: int, n_test: int,
+               same_class_cells: int, acc_in: np.ndarray, acc_out: np.ndarray) -> dict:
+    """Every number of the plan from the pilot's measurements (pure: no Ray, no files)."""
+    c, res, e = spec.campaign, spec.resources, spec.estimates
+    runs = c.runs
+    k = len(c.ratios)
+    ratio = spec.primary_ratio
+    main = main_ratio_runs(runs, c.design, k, c.ratios.index(ratio))
+    pack = res.pack or (16 if spec.model.name == "mlp" and not spec.train.trainer else 1)  # as the driver packs
+    sec = seconds_per_run(m["training_seconds"], m["workers_used"], m["trained"])
+    rate = workers / sec
+    wall = wall_seconds(runs, rate, m["startup_seconds"])
+    gpu = res.gpus_per_worker > 0
+    hours = compute_hours(wall, workers, res.gpus_per_worker if gpu else res.cpus_per_worker)
+    targets = 1 + len(e.soft)
+    storage = {
+        "shards": m["bytes_per_shard"] * runs,
+        "plan": plan_bytes(runs, n_train, m["examples_bytes"]),
+        "estimates": influence_bytes(mode, n_train, n_test, targets, same_class_cells, e.top_k)
+        + m["memorization_bytes"],
+        "checkpoint": checkpoint_bytes(mode, n_train, n_test, runs, len(e.soft), m["fold_bytes"]),
+    }
+    storage["total"] = sum(storage.values())
+    share = in_share(c.design, ratio)
+    ok = np.isfinite(acc_in) & np.isfinite(acc_out)  # examples the pilot saw both in and out
+    v = variance_per_run(acc_in[ok], acc_out[ok], share)
+    se = expected_se(v, main) if len(v) else np.array([np.nan])
+    wanted = [DEFAULT_TARGET_SE] + ([e.target_se] if e.target_se and e.target_se != DEFAULT_TARGET_SE else [])
+    needed = []
+    for target in wanted:
+        row = {"target_se": target,
+               "runs_median": runs_for_se(float(np.median(v)), target) * k if len(v) else None,
+               "runs_p90": runs_for_se(float(np.quantile(v, 0.9)), target) * k if len(v) else None,
+               "runs_p99": runs_for_se(float(np.quantile(v, 0.99)), target) * k if len(v) else None,
+               "runs_bound": runs_for_bound(target, ratio) * k}
+        if target == e.target_se:
+            row["target_share"] = e.target_share
+            row["runs_target_share"] = (runs_for_se(float(np.quantile(v, e.target_share)), target) * k
+                                        if len(v) else None)
+        needed.append(row)
+    return {
+        "campaign": c.name, "runs": runs, "main_ratio_runs": main, "subset_ratio": ratio, "design": c.design,
+        "n_train": n_train, "n_test": n_test, "influence_mode": mode,
+        "pilot": {**{k2: v2 for k2, v2 in m.items()}},
+        "cluster": {"cpus": cluster.get("CPU", 0), "gpus": cluster.get("GPU", 0), "workers": workers,
+                    "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker},
+        "pack": pack, "recommended_pilot": recommended_pilot(workers, pack),
+        "seconds_per_run": sec, "runs_per_second": rate, "wall_seconds": wall,
+        "training_seconds": runs / rate, "startup_seconds": m["startup_seconds"],
+        "gpu_hours" if gpu else "cpu_core_hours": hours,
+        "storage_bytes": storage,
+        "error_bound_rms": error_bound(main, ratio),
+        "expected_se": {"formula": "sqrt(p_in(1-p_in)/(q t) + p_out(1-p_out)/((1-q) t))", "q": share, "t": main,
+                        "examples": int(ok.sum()), "median": float(np.median(se)),
+                        "p90": float(np.quantile(se, 0.9)), "p99": float(np.quantile(se, 0.99)),
+                        "worst_case": float(expected_se(variance_per_run(0.5, 0.5, share), main))},
+        "runs_needed": needed,
+    }
+
+
+# --- printing -------------------------------------------------------------------------------------
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
+def _human_seconds(s: float) -> str:
+    from .progress import format_seconds
+
+    return format_seconds(s)
+
+
+def format_plan(p: dict) -> str:
+    pl, cl, st = p["pilot"], p["cluster"], p["storage_bytes"]
+    res = (f"{cl['gpus_per_worker']:g} GPU + " if cl["gpus_per_worker"] else "") + f"{cl['cpus_per_worker']:g} CPU"
+    lines = [
+        f"plan for campaign {p['campaign']!r}: {p['runs']} runs ({p['main_ratio_runs']} of subset ratio "
+        f"{p['subset_ratio']:g}), {p['design']} design, {p['n_train']} train / {p['n_test']} test examples",
+        f"pilot: {pl['trained']} of {pl['pilot_runs']} runs on {p['target']} ({cl['cpus']:g} CPUs, "
+        f"{cl['gpus']:g} GPUs), "
+        f"{pl['seconds']:.1f} s in all; it used {pl['workers_used']} worker(s); test accuracy "
+        f"{pl['test_acc_mean']:.3f} ± {pl['test_acc_sd']:.3f} (mean ± sd over its runs)",
+    ]
+    if pl["workers_used"] < cl["workers"] or pl["trained"] < p["recommended_pilot"] // 2:
+        lines.append(f"note: the pilot kept {pl['workers_used']} of {cl['workers']} workers busy ({p['pack']} runs per "
+                     f"call); the campaign will run them all at once, and contention between them was not measured. "
+                     f"For a closer estimate: --pilot {p['recommended_pilot']}")
+    if pl["failed"]:
+        lines.append(f"warning: {pl['failed']} pilot runs failed (first: {pl['first_failure']}); the campaign would "
+                     f"record such runs in failed/")
+    hours = (f"{p['gpu_hours']:.3g} GPU-hours" if "gpu_hours" in p else f"{p['cpu_core_hours']:.3g} CPU core-hours")
+    se = p["expected_se"]
+    rows = [
+        ("seconds per run", f"{p['seconds_per_run']:.3g} s on one worker (training loop alone "
+                            f"{pl['train_seconds_mean']:.3g} s)"),
+        ("workers", f"{cl['workers']} ({res} each), as the cluster fits them"),
+        ("throughput", f"{p['runs_per_second']:.3g} runs/s"),
+        ("wall time", f"{_human_seconds(p['wall_seconds'])} = {p['runs']} runs / {p['runs_per_second']:.3g} runs/s "
+                      f"+ {p['startup_seconds']:.1f} s start-up"),
+        ("compute", hours),
+        ("storage", f"{_human_bytes(st['total'])}: shards {_human_bytes(st['shards'])} "
+                    f"({_human_bytes(pl['bytes_per_shard'])} x {p['runs']}), plan {_human_bytes(st['plan'])}, "
+                    f"estimates {_human_bytes(st['estimates'])} ({p['influence_mode']} influence), "
+                    f"checkpoint {_human_bytes(st['checkpoint'])}"),
+        ("error bound", f"{p['error_bound_rms']:.3f} RMS per estimate (paper, at {p['main_ratio_runs']} runs of "
+                        f"ratio {p['subset_ratio']:g})"),
+        ("memorization se", f"median {se['median']:.3f}, 90th percentile {se['p90']:.3f}, 99th {se['p99']:.3f} over "
+                            f"{se['examples']} examples (expected, from the pilot's accuracies); "
+                            f"{se['worst_case']:.3f} for an example at p = 0.5"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines += [""] + [f"  {k:<{width}}  {v}" for k, v in rows]
+    lines += ["", "runs the campaign needs for a memorization standard error of",
+              f"  {'target':>6}  {'median example':>14}  {'90% of examples':>15}  {'99% of examples':>15}  "
+              f"{'paper bound':>11}"]
+    for r in p["runs_needed"]:
+        lines.append(f"  {r['target_se']:>6g}  {_count(r['runs_median']):>14}  {_count(r['runs_p90']):>15}  "
+                     f"{_count(r['runs_p99']):>15}  {_count(r['runs_bound']):>11}")
+        if "target_share" in r:
+            lines.append(f"          [estimates] target_se = {r['target_se']:g} for {r['target_share']:.0%} of the "
+                         f"examples (adaptive stopping): about {_count(r['runs_target_share'])} runs")
+    return "\n".join(lines)
+
+
+def _count(n) -> str:
+    return "n/a" if n is None else f"{n:,}"
+
+
+@click.command("plan")
+@click.argument("spec_file", type=click.Path(dir_okay=False))
+@click.option("--pilot", type=click.IntRange(min=2), default=8, show_default=True,
+              help="runs of the pilot campaign the costs are measured on")
+@click.option("--address", default=None, envvar="LONGTAIL_RAY_ADDRESS",
+              help="measure on the Ray cluster at ADDR instead of an embedded local one")
+@click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
+@click.option("--progress/--no-progress", default=True, help="show the pilot's progress display")
+def plan_command(spec_file, pilot, address, as_json, progress):
+    """What the campaign SPEC_FILE describes will cost, from a short pilot on the target cluster.
+
+    Runs PILOT runs of the spec in a temporary directory (deleted afterwards), then states seconds
+    per run, throughput, expected wall time, GPU- or CPU-hours, storage, and the standard error the
+    estimates will reach, with the runs needed for a target standard error."""
+    from .cli import _errors
+
+    try:
+        spec = specs.load(spec_file)
+        plan = measure_pilot(spec, pilot, address, progress, spec_file)
+    except _errors() as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    from .outputs import _clean
+
+    click.echo(json.dumps(_clean(plan), indent=2) if as_json else format_plan(plan))
