@@ -434,9 +434,14 @@ def demo(out, runs, progress):
     _run(spec, out, None, progress, 10)
 
 
-from .report import report_command  # noqa: E402  (a command defined beside the report it writes)
+# commands defined beside what they compute
+from .followup import utility_command  # noqa: E402
+from .pilot import plan_command  # noqa: E402
+from .report import report_command  # noqa: E402
 
 main.add_command(report_command)
+main.add_command(utility_command)
+main.add_command(plan_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -87,8 +87,8 @@ def _word(text: str) -> int:
 
 def utility_streams(campaign_seed: int, condition: str, rep: int) -> tuple[np.random.Generator, int]:
     """(removal generator, training seed) of follow-up model `rep` of `condition`: a pure function of
-    (campaign seed, "utility", condition, rep), disjoint from the campaign's own streams
-    SeedSequence([seed, run]) because the entropy has four words."""
+    (campaign seed, "utility", condition, rep), independent of the campaign's own streams
+    SeedSequence([seed, run]), whose entropy has two words."""
     removal, train = np.random.SeedSequence([campaign_seed, _word("utility"), _word(condition), rep]).spawn(2)
     return np.random.default_rng(removal), int(train.generate_state(1)[0] & 0x7FFFFFFF)
 
@@ -435,7 +435,8 @@ def _train(c: Campaign, todo: list[FollowUpRun], total: int, address: str | None
                 for slot in ready:
                     while queue and slot.load < calls:
                         group = [queue.popleft() for _ in range(min(pack, len(queue)))]
-                        ref = slot.actor.run_many.remote(
+                        # a task name of its own: the dashboard and `ray summary tasks` tell follow-ups apart
+                        ref = slot.actor.run_many.options(name=f"longtail:{c.name}:utility").remote(
                             [(r.run_id, np.packbits(r.mask), r.seed, str(r.path)) for r in group])
                         in_flight[ref] = (group, slot)
                         slot.load += 1

@@ -226,6 +226,9 @@ DATASET_SECTIONS = {
                    'test_dir = "/data/imagenet/val"\n',
 }
 
+SHAPES = {"mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100),
+          "imagefolder": ((3, 64, 64), 1000)}
+
 
 def test_recipe_registry():
     assert recipe_names() == ["mnist-mlp", "cifar10-airbench", "cifar100-resnet50", "imagenet-resnet50"]
@@ -242,6 +245,13 @@ def test_every_recipe_validates_and_says_what_to_expect(name):
     assert s.model.name == raw["model"]["name"]
     resolved = s.to_dict()["train"]
     assert all(resolved[k] == v for k, v in raw["train"].items())  # nothing silently replaced
+    # the model takes the dataset's inputs (what `longtail validate` checks once the files exist)
+    from workers.datasets import Dataset
+    from workers.worker import preflight
+
+    shape, classes = SHAPES[recipe_dataset(name)]
+    x, y = np.zeros((4, *shape), np.float32), np.arange(4) % classes
+    preflight(s.to_dict(), Dataset(recipe_dataset(name), x, y, x, y, classes))
     module = recipes._RECIPES[name]
     assert module.spec() == module.SPEC
     head = Path(module.__file__).read_text()[:1500]

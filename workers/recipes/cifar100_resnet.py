@@ -7,9 +7,9 @@
 #  the full set) with their ResNet-50 recipe, which the paper does not publish (research/paper.md
 #  section 2). The hyperparameters below are a standard CIFAR ResNet recipe, not theirs, so this
 #  recipe's accuracy is known only once measured: check a few runs against 72% before a campaign.
-#  Expected cost (derived, not measured): ~1.3 GFLOP per 32x32 forward pass with the CIFAR stem,
-#  x3 for training, x35,000 examples x 40 epochs = ~5.5 PFLOP per run: tens of seconds per run on
-#  an H200 at 30% utilisation, about a day for 4,000 runs.
+#  Expected cost (derived, not measured): 2.6 GFLOP per 32x32 forward pass with the CIFAR stem,
+#  7.8 per example trained (counted with torch.utils.flop_counter), x 35,000 examples x 40 epochs
+#  = ~11 PFLOP per run: ~45 s per run on an H200 at 30% of its bf16 peak, ~2 days for 4,000 runs.
 #
 #  The network: model "resnet50" (torchvision's) with small_input = true: a 3x3 stride-1 stem and no
 #  max-pool, so 32x32 images reach the first block at full resolution (FZ's ResNet has the same

@@ -14,9 +14,13 @@
 #  (docs/datasets.md: 63 GB for ImageNet at 64 px; 224 px would need 770 GB), so the imagefolder
 #  dataset decodes once at `image_size`, and augmentation is a flip and a padded crop, not the
 #  random-resized crop of FZ's pipeline.
-#  Expected cost (derived, not measured): with small_input at 64 px, ~5.3 GFLOP per forward pass
-#  (layer1 at 64x64), x3 x 0.9 M examples x 16 epochs = ~230 PFLOP per run, like FFCV's
-#  full-resolution recipe; 2,000 runs are hundreds to a thousand H200-hours (research/perf.md).
+#  Expected cost (derived, not measured): with small_input at 64 px the first block sees 64x64
+#  (as a 224-px ResNet-50 sees 56x56): 10.4 GFLOP per forward pass, 31 per example trained (counted
+#  with torch.utils.flop_counter; 24 at 224 px with the ImageNet stem), x 0.9 M examples x 16
+#  epochs = ~450 PFLOP per run: ~30 min per run on an H200 at 30% of its bf16 peak, ~1,000
+#  H200-hours for 2,000 runs, as much as FFCV-style full-resolution training (research/perf.md).
+#  small_input = false (the ImageNet stem: 16x16 at the first block) costs 16x less and is likely
+#  less accurate; neither is measured.
 #
 #  Training, in the style of FFCV's ResNet-50 configurations (not a copy; check before relying on
 #  it): SGD momentum 0.9, batch 512, peak lr 0.85 (1.7 per 1,024 examples), linear warm-up over 2
