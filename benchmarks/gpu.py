@@ -175,8 +175,9 @@ def section_a(cfg: dict, device: torch.device, data, out: dict) -> None:
 PACK_OVERRIDES = dict(precision="bf16", channels_last=True, compile=False)
 
 
-def _pack_child(rank: int, cfg: dict, device_name: str, barrier, results) -> None:
-    """One of K processes: build the data, train one untimed run, wait for the others, train one run."""
+def _pack_child(rank: int, cfg: dict, device_name: str, start, results) -> None:
+    """One of K processes: build the data, train one untimed run, say it is ready, wait for the start
+    signal, train one timed run. Every failure is reported to the parent, never swallowed."""
     try:
         from workers.models import model_factory
 
@@ -188,12 +189,35 @@ def _pack_child(rank: int, cfg: dict, device_name: str, barrier, results) -> Non
         train = {**train, **PACK_OVERRIDES}
         build = model_factory({"name": "airbench", **model})
         timed_run(build, data, 2000 + rank, train)  # warm-up: cuDNN autotuning, allocator
-        barrier.wait()
+        results.put(("ready", rank))
+        start.wait()
         wall, _, acc = timed_run(build, data, rank, train)
-        results.put((rank, wall, acc, None))
-    except BaseException:  # noqa: BLE001 - report every failure to the parent, never hang it
-        barrier.abort()
-        results.put((rank, None, None, traceback.format_exc()))
+        results.put(("done", rank, wall, acc))
+    except BaseException:  # noqa: BLE001
+        results.put(("error", rank, traceback.format_exc()))
+
+
+def _collect(results, procs, n: int, timeout: float) -> dict:
+    """n messages from the children, by rank; fails fast when one reports an error or dies silently."""
+    import queue
+
+    got: dict = {}
+    deadline = time.monotonic() + timeout
+    while len(got) < n:
+        try:
+            msg = results.get(timeout=0.5)
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a packed process exited with code {dead[0].exitcode} without reporting "
+                                   f"(out of memory?)") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"packed processes did not report within {timeout:.0f} s") from None
+            continue
+        if msg[0] == "error":
+            raise RuntimeError(f"packed process {msg[1]} failed:\n{msg[2]}")
+        got[msg[1]] = msg
+    return got
 
 
 def section_b(cfg: dict, device: torch.device, data, out: dict) -> None:
@@ -209,38 +233,38 @@ def section_b(cfg: dict, device: torch.device, data, out: dict) -> None:
           f"{device.type.upper()} (eager bf16 + channels_last, {train['epochs']} epochs each)")
     timed_run(build, data, 2000, train)  # warm-up, as each child does
     sync(device)
-    start = time.perf_counter()
+    t0 = time.perf_counter()
     seq = [timed_run(build, data, r, train) for r in range(k)]
-    seq_wall = time.perf_counter() - start
+    seq_wall = time.perf_counter() - t0
 
     ctx = mp.get_context("spawn")  # CUDA cannot be forked
-    barrier, results = ctx.Barrier(k + 1), ctx.Queue()
-    procs = [ctx.Process(target=_pack_child, args=(r, cfg, str(device), barrier, results), daemon=True)
+    start, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_pack_child, args=(r, cfg, str(device), start, results), daemon=True)
              for r in range(k)]
     for p in procs:
         p.start()
-    timeout = 900 if device.type == "cuda" else 300
+    timeout = 600 if device.type == "cuda" else 300
     try:
-        barrier.wait(timeout=timeout)
-    except Exception:  # a child failed before the start (it aborted the barrier) or never got there
-        pass
-    start = time.perf_counter()
-    got = [results.get(timeout=timeout) for _ in range(k)]
-    par_wall = time.perf_counter() - start
-    for p in procs:
-        p.join(timeout=60)
-    errors = [g[3] for g in got if g[3]]
-    if errors:
-        raise RuntimeError(f"a packed process failed:\n{errors[0]}")
+        _collect(results, procs, k, timeout)  # all built their data and trained their warm-up run
+        t0 = time.perf_counter()
+        start.set()
+        got = list(_collect(results, procs, k, timeout).values())
+        par_wall = time.perf_counter() - t0
+    finally:
+        for p in procs:  # ours only, and only those still running after a failure
+            if p.is_alive():
+                p.join(timeout=30 if not start.is_set() else 60)
+            if p.is_alive():
+                p.terminate()
     ratio = seq_wall / par_wall
     print(f"   {k} sequential runs          {seq_wall:>8.2f} s   ({seq_wall / k:.3f} s per run, "
           f"test acc {statistics.mean(s[2] for s in seq):.3f})")
-    print(f"   {k} concurrent processes     {par_wall:>8.2f} s   (each run {min(g[1] for g in got):.3f}-"
-          f"{max(g[1] for g in got):.3f} s, test acc {statistics.mean(g[2] for g in got):.3f})")
+    print(f"   {k} concurrent processes     {par_wall:>8.2f} s   (each run {min(g[2] for g in got):.3f}-"
+          f"{max(g[2] for g in got):.3f} s, test acc {statistics.mean(g[3] for g in got):.3f})")
     print(f"   ratio (b): throughput of {k} processes / sequential = {seq_wall:.2f} s / {par_wall:.2f} s = "
           f"{ratio:.2f}x (1.0 = no gain from sharing; {k:.1f} = perfect)")
     out["b"] = dict(k=k, sequential_s=seq_wall, concurrent_s=par_wall, ratio=ratio,
-                    concurrent_runs_s=[g[1] for g in got])
+                    concurrent_runs_s=[g[2] for g in got])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -761,11 +761,57 @@ def runs_section(inp: Inputs) -> str:
     return _section("runs", title, intro, f'<div class="row">{"".join(parts)}</div>')
 
 
+def draw_utility(rows: dict[str, np.ndarray]) -> str:
+    """The paper's Fig. 2: test-accuracy drop when memorized vs random examples are removed."""
+    fig, ax = _figure(6.2, 3.4)
+    kinds = rows["kind"].astype(str)
+    for kind, color, shift in (("memorized", "#c44e52", -0.08), ("random", "#4c72b0", 0.08)):
+        sel = kinds == kind
+        if sel.any():
+            order = np.argsort(rows["threshold"][sel])
+            x = rows["removed_share"][sel][order] * 100
+            ax.errorbar(x + shift, rows["drop"][sel][order] * 100, yerr=1.96 * rows["drop_se"][sel][order] * 100,
+                        marker="o", capsize=3, color=color, label=f"{kind} examples removed")
+    ax.axhline(0, color="#999", lw=0.8)
+    ax.set_xlabel("share of the training set removed (%)")
+    ax.set_ylabel("test accuracy drop (points)")
+    ax.set_title("removing memorized vs random examples (95% intervals)", fontsize=10)
+    ax.legend(fontsize=8)
+    return _png(fig, "marginal utility: accuracy drop against the share of the training set removed")
+
+
+def utility_section(inp: Inputs) -> str:
+    title = "Marginal utility of memorized examples"
+    path = inp.c.paths.root / "utility" / "utility.parquet"
+    rows = _columns(_read_table(path))
+    if rows is None:
+        return _section("utility", title, "The paper's Fig. 2 experiment has not been run for this campaign.",
+                        _note("run <code>longtail utility DIR --thresholds 0.25,0.5</code> to add it"))
+    intro = ("Models retrained on the full training set minus the examples memorized at or above each threshold, "
+             "and minus as many random examples (Feldman &amp; Zhang, Fig. 2): if memorized examples matter for "
+             "the test set, removing them costs more accuracy than removing random ones.")
+    table_rows = []
+    for i in range(len(rows["name"])):
+        drop_se = rows["drop_se"][i]
+        infl = rows.get("acc_influenced_mean")
+        table_rows.append([esc(str(rows["name"][i])), f"{int(rows['removed'][i]):,}",
+                           _pct(rows["removed_share"][i]), f"{int(rows['runs'][i])}",
+                           f"{_num(rows['acc_mean'][i])} ± {_num(rows['acc_se'][i])}",
+                           "—" if not np.isfinite(drop_se) else f"{100 * rows['drop'][i]:.2f} ± {100 * drop_se:.2f}",
+                           "—" if infl is None else _num(infl[i])])
+    table = _table(["condition", "removed", "share", "runs", "test accuracy (± se)", "drop, points (± se)",
+                    "accuracy on influenced test examples"], table_rows)
+    parts = [_figure_html(draw_utility(rows), "Points at each threshold's share of removed examples; bars are "
+                                               "95% intervals of the drop.")] if (rows["kind"] == "random").any() else []
+    parts.append(_figure_html(table, f"From {esc(str(path))}."))
+    return _section("utility", title, intro, f'<div class="row">{"".join(parts)}</div>')
+
+
 # --- the page -------------------------------------------------------------------------------------
 
 SECTIONS = [("memorization", memorization_section), ("gallery", gallery_section),
             ("influence", influence_section), ("table1", table1_section),
-            ("convergence", convergence_section), ("runs", runs_section)]
+            ("convergence", convergence_section), ("runs", runs_section), ("utility", utility_section)]
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif; color: #222;
