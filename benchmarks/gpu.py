@@ -31,6 +31,7 @@ Dynamo's "eager" backend (inductor would compile C++ for minutes).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -97,8 +98,6 @@ def recipe(cfg: dict) -> tuple[dict, dict]:
     raw["epochs"] = cfg["epochs"]
     if cfg["batch"]:
         raw["batch_size"] = cfg["batch"]
-    import dataclasses
-
     return model, dataclasses.asdict(parse_section(TrainSection, raw, "[train] of recipe cifar10-airbench"))
 
 
@@ -154,7 +153,7 @@ def section_a(cfg: dict, device: torch.device, data, out: dict) -> None:
         wall = statistics.median(r[0] for r in runs)
         loop = statistics.median(r[1] for r in runs)
         acc = statistics.mean(r[2] for r in runs)
-        rows.append(dict(config=label.split(maxsplit=1)[-1] if label[0] == " " else label, overrides=over,
+        rows.append(dict(config=" ".join(label.split()), overrides=over,
                          first_run_s=first[0], per_model_s=wall, train_loop_s=loop, test_acc=acc,
                          runs=[r[0] for r in runs]))
         speedup = rows[0]["per_model_s"] / wall

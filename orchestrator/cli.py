@@ -438,10 +438,10 @@ def demo(out, runs, progress):
 from .followup import utility_command  # noqa: E402
 from .pilot import plan_command  # noqa: E402
 from .report import report_command  # noqa: E402
+from .tune import tune_command  # noqa: E402
 
-main.add_command(report_command)
-main.add_command(utility_command)
-main.add_command(plan_command)
+for command in (report_command, utility_command, plan_command, tune_command):
+    main.add_command(command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -97,7 +97,9 @@ def fold_existing(campaign: Campaign, agg: Aggregator, report: RunReport) -> set
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def _ray_init(address: str | None, campaign: Campaign, dashboard_host: str = "127.0.0.1"):
+def ray_init(address: str | None, local_cpus: int = 0, dashboard_host: str = "127.0.0.1"):
+    """Join the cluster at `address` (or a Ray job's), or start the embedded one; returns (ray, whether
+    this call started it, the dashboard URL)."""
     if address:
         from .jobs import send_token_if_available
 
@@ -118,7 +120,7 @@ def _ray_init(address: str | None, campaign: Campaign, dashboard_host: str = "12
     if address:
         ctx = ray.init(address=address, log_to_driver=False, logging_level="WARNING", runtime_env=runtime_env)
     else:
-        cpus = campaign.spec.resources.local_cpus or None
+        cpus = local_cpus or None
         # The embedded cluster binds the dashboard to loopback: it is protected by nothing but Ray's token.
         if dashboard_host not in LOOPBACK:
             _say("WARNING " + "!" * 60)
@@ -190,12 +192,12 @@ def _target_reached(campaign: Campaign, agg: Aggregator, report: RunReport) -> b
 def _dispatch(campaign: Campaign, agg: Aggregator, todo: list[int], done: set[int], report: RunReport,
               address: str | None, show_progress: bool, lock: DriverLock, dashboard_host: str) -> None:
     from .metrics import CampaignMetrics
-    from .pool import WorkerPool
+    from .pool import WorkerPool, runs_per_call
 
-    ray, owned, report.dashboard_url = _ray_init(address, campaign, dashboard_host)
+    ray, owned, report.dashboard_url = ray_init(address, campaign.spec.resources.local_cpus, dashboard_host)
     res, e = campaign.spec.resources, campaign.spec.estimates
     plan, paths = campaign.plan, campaign.paths
-    pack = res.pack or (16 if campaign.spec.model.name == "mlp" and not campaign.spec.train.trainer else 1)
+    pack = runs_per_call(campaign.spec)
     probe = paths.state_dir / f".probe-{os.getpid()}-{time.time_ns()}"
     atomic_write_text(probe, "a worker that can read this file sees the campaign directory\n")
     pool = WorkerPool(ray, campaign, _say, str(probe))

@@ -404,13 +404,13 @@ def _train(c: Campaign, todo: list[FollowUpRun], total: int, address: str | None
 
     from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
-    from .driver import _ANSI, _ray_init
-    from .pool import WorkerPool
+    from .driver import _ANSI, ray_init
+    from .pool import WorkerPool, runs_per_call
     from .progress import Progress
 
-    ray, owned, _ = _ray_init(address, c)
+    ray, owned, _ = ray_init(address, c.spec.resources.local_cpus)
     res = c.spec.resources
-    pack = res.pack or (16 if c.spec.model.name == "mlp" and not c.spec.train.trainer else 1)
+    pack = runs_per_call(c.spec)
     probe = root / f".probe-{os.getpid()}-{time.time_ns()}"
     atomic_write_text(probe, "a worker that can read this file sees the campaign directory\n")
     pool = WorkerPool(ray, c, _say, str(probe))

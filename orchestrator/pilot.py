@@ -40,6 +40,7 @@ import numpy as np
 from estimators.estimates import error_bound
 
 from . import spec as specs
+from .pool import runs_per_call
 from .campaign import CampaignError
 
 DEFAULT_TARGET_SE = 0.05
@@ -173,7 +174,7 @@ def measure_pilot(spec: specs.Spec, pilot: int, address: str | None, progress: b
 
     from .aggregate import influence_mode
     from .campaign import create_or_open
-    from .driver import _ray_init, run_campaign
+    from .driver import ray_init, run_campaign
     from .pool import WorkerPool
 
     pspec = pilot_spec(spec, pilot)
@@ -184,7 +185,7 @@ def measure_pilot(spec: specs.Spec, pilot: int, address: str | None, progress: b
     try:
         campaign = create_or_open(pspec, root)
         t0 = time.monotonic()
-        ray, owned, _ = _ray_init(address, campaign)
+        ray, owned, _ = ray_init(address, campaign.spec.resources.local_cpus)
         ray_seconds = time.monotonic() - t0
         try:
             cluster = ray.cluster_resources()
@@ -261,7 +262,7 @@ def build_plan(spec: specs.Spec, m: dict, workers: int, cluster: dict, mode: str
     k = len(c.ratios)
     ratio = spec.primary_ratio
     main = main_ratio_runs(runs, c.design, k, c.ratios.index(ratio))
-    pack = res.pack or (16 if spec.model.name == "mlp" and not spec.train.trainer else 1)  # as the driver packs
+    pack = runs_per_call(spec)  # as the driver packs
     sec = seconds_per_run(m["training_seconds"], m["workers_used"], m["trained"])
     rate = workers / sec
     wall = wall_seconds(runs, rate, m["startup_seconds"])

@@ -14,6 +14,17 @@ from dataclasses import dataclass, field
 
 from .campaign import Campaign, CampaignError
 
+def runs_per_call(spec) -> int:
+    """[resources] pack, or its automatic value: 16 runs per call where workers train them together in
+    one vectorized step (MLPs the ensemble trainer reproduces exactly), else one."""
+    from workers.models import ensemble_options
+
+    if spec.resources.pack:
+        return spec.resources.pack
+    packable = not spec.train.trainer and ensemble_options(spec.model.as_dict(), spec.to_dict()["train"]) is not None
+    return 16 if packable else 1
+
+
 # Constructor failures tolerated (a bad node, a transient error) before the campaign is stopped.
 MAX_START_FAILURES = 3
 

@@ -92,15 +92,17 @@ class TrainSection:
     # The fast paths (docs/recipes.md). Each default is the behaviour from before they existed.
     warmup_epochs: float = option(0.0, "epochs of linear learning-rate warm-up from 0 to lr, after which the schedule "
                                   "runs over the remaining steps; 0 = none. Must be below epochs", _nonnegative,
-                                  "a number >= 0 (and < epochs)")
+                                  "a number >= 0 (and < epochs)", neutral_default=True)
     augment: str = option("none", "augmentation of each training batch, on the device: 'none', 'flip' (random "
                           "horizontal flip) or 'flip-crop' (flip, then a random crop of the image zero-padded by "
                           "crop_padding pixels); images only; evaluation is never augmented",
-                          lambda v: v in ("none", "flip", "flip-crop"), "'none', 'flip' or 'flip-crop'")
+                          lambda v: v in ("none", "flip", "flip-crop"), "'none', 'flip' or 'flip-crop'",
+                          neutral_default=True)
     crop_padding: int = option(4, "pixels of zero padding on each side for augment = 'flip-crop' (the image moves "
-                               "by up to this many pixels)", _nonnegative, "an integer >= 0")
+                               "by up to this many pixels)", _nonnegative, "an integer >= 0", neutral_default=True)
     precision: str = option("fp32", "'fp32' or 'bf16' (bfloat16 autocast, on CUDA only: runs on a CPU train in "
-                            "fp32 and a warning says so)", lambda v: v in ("fp32", "bf16"), "'fp32' or 'bf16'")
+                            "fp32 and a warning says so)", lambda v: v in ("fp32", "bf16"), "'fp32' or 'bf16'",
+                            neutral_default=True)
     channels_last: bool = option(False, "convolutions in the channels-last (NHWC) memory layout, on CUDA only; "
                                  "faster for convnets with bf16", affects_results=False)
     compile: bool = option(False, "torch.compile the model once per worker and reuse it across runs (each run "
@@ -245,8 +247,12 @@ class Spec:
         for section, values in self.to_dict().items():
             cls = SECTIONS[section] or builtin.get(section)
             for key, value in values.items():
-                if cls is not None and key != "name" and not _field(cls, key).metadata["affects_results"]:
-                    continue
+                if cls is not None and key != "name":
+                    f = _field(cls, key)
+                    if not f.metadata["affects_results"]:
+                        continue
+                    if f.metadata.get("neutral_default") and value == _default(f):
+                        continue
                 flat[f"{section}.{key}"] = value
         return flat
 

@@ -16,10 +16,13 @@ class SetupError(ValueError):
 
 
 def option(default, doc: str, check: Callable[[Any], bool] | None = None, expect: str = "",
-           affects_results: bool = True):
+           affects_results: bool = True, neutral_default: bool = False):
     """A field: `check(value)` must hold, `expect` says in words what it accepts; `affects_results`
-    marks keys whose change would change what a run produces (a resume with another value is refused)."""
-    meta = {"doc": doc, "check": check, "expect": expect, "affects_results": affects_results}
+    marks keys whose change would change what a run produces (a resume with another value is refused).
+    `neutral_default` marks keys added after campaigns existed whose default is the old behaviour: at
+    their default they are left out of the spec hash, so that those campaigns still resume."""
+    meta = {"doc": doc, "check": check, "expect": expect, "affects_results": affects_results,
+            "neutral_default": neutral_default}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)

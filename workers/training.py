@@ -193,8 +193,11 @@ def _compiled_model(build, fresh: torch.nn.Module, key: tuple):
 #  One run
 # --------------------------------------------------------------------------------------------------
 
-def train_run(build, data: DeviceData, train_idx: np.ndarray, seed: int, train: dict) -> RunOutput:
-    """Train a fresh model from `build(num_classes, input_shape)` on examples `train_idx`, then evaluate all."""
+def train_run(build, data: DeviceData, train_idx: np.ndarray, seed: int, train: dict, on_epoch=None) -> RunOutput:
+    """Train a fresh model from `build(num_classes, input_shape)` on examples `train_idx`, then evaluate all.
+
+    `on_epoch(epoch, model)`, if given, is called after every epoch with the model (for recipe tuning,
+    which scores it on held-out examples and may stop the run early)."""
     fast = fast_options(train)
     device = data.x_train.device
     fmt = _memory_format(device, fast["channels_last"])
@@ -245,6 +248,9 @@ def train_run(build, data: DeviceData, train_idx: np.ndarray, seed: int, train: 
         if not torch.isfinite(loss):  # also waits for the device: train_seconds below is real time
             raise RunFailed(f"training loss became {loss.item()} in epoch {epoch + 1}/{train['epochs']}; "
                             f"lower [train] lr (now {train['lr']}) or check the data")
+        if on_epoch is not None:
+            on_epoch(epoch, plain)
+            trained.train()
     train_seconds = time.perf_counter() - start
     # evaluated uncompiled: one forward per example is a small share of a run, and a compiled eval
     # graph would add a compile (and one more per new batch size) for little gain

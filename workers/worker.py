@@ -19,7 +19,7 @@ import numpy as np
 
 from . import shard as shard_format
 from .datasets import Dataset, DatasetError, dataset_fingerprint, load_dataset, resolve
-from .models import model_factory
+from .models import ensemble_options, model_factory
 from .options import SetupError
 from .results import RunFailed, RunOutput, run_plugin_trainer
 from .storage import StorageError
@@ -82,9 +82,9 @@ class RunWorker:
             self.device = str(device)
             self.data = DeviceData.from_dataset(dataset, device)
             self.build = model_factory(spec["model"])
-        # builtin MLPs train several runs in one step (workers/ensemble.py); anything else one at a time
-        self.packable = self.trainer is None and spec["model"]["name"] == "mlp"
-        self.model_options = dict(spec["model"])
+        # MLPs whose recipe the vectorized trainer reproduces train several runs in one step
+        # (workers/ensemble.py); anything else one at a time
+        self.ensemble = None if self.trainer else ensemble_options(spec["model"], spec["train"])
         self.host = socket.gethostname()
         self.node = _node_id()
         self.versions = library_versions()
@@ -112,7 +112,7 @@ class RunWorker:
     def run_many(self, calls: list[tuple[int, np.ndarray, int, str]]) -> list[dict]:
         """Several runs (run, packed mask, seed, shard path) in one call: trained together in one
         vectorized step where the model allows (the builtin MLP), else one after the other."""
-        if len(calls) == 1 or not self.packable:
+        if len(calls) == 1 or self.ensemble is None:
             return [self.run(*c) for c in calls]
         from .ensemble import EnsembleRunFailed, train_runs
 
@@ -120,7 +120,7 @@ class RunWorker:
         masks = [self._mask(c[1]) for c in calls]
         failed: dict[int, str] = {}
         try:
-            outputs = train_runs(self.model_options, self.data, [np.flatnonzero(m) for m in masks],
+            outputs = train_runs(self.ensemble, self.data, [np.flatnonzero(m) for m in masks],
                                  [c[2] for c in calls], self.train)
         except EnsembleRunFailed as e:
             outputs, failed = e.outputs, e.failed
