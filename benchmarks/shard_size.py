@@ -32,7 +32,9 @@ def main() -> None:
     prob = (rng.random(n).astype(np.float32), rng.random(nt).astype(np.float32))
     meta = {"campaign": "bench", "spec_hash": "0", "run": 0, "n_train": n, "n_test": nt}
     cases = [("prediction only", {}), ("prediction + margin (default)", {"margin": (m_tr, m_te)}),
-             ("prediction + margin + probability", {"margin": (m_tr, m_te), "probability": prob})]
+             ("prediction + margin + probability", {"margin": (m_tr, m_te), "probability": prob}),
+             ("prediction + margin + all 100 logits", {"margin": (m_tr, m_te), "logits": (
+                 rng.normal(size=(n, c)).astype(np.float32), rng.normal(size=(nt, c)).astype(np.float32))})]
     print(f"shard size, {n:,} train + {nt:,} test rows, {c} classes")
     print("| store | bytes | bytes per row | write ms |")
     print("|---|---|---|---|")

@@ -45,7 +45,8 @@ def _nonnegative(v) -> bool:
     return v >= 0
 
 
-STORABLE = ("margin", "probability")
+STORABLE = ("margin", "probability", "logits")
+SOFT_TARGETS = ("margin", "probability")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -110,7 +111,8 @@ class TrainSection:
                            "convnet on a GPU", affects_results=False)
     store: list[str] = option(["margin"], "per-example values written to every shard besides the prediction, "
                               "when the learner produces them: 'margin' (correct-class logit minus the best "
-                              "other, float16) and/or 'probability' (softmax probability of the correct class)",
+                              "other, float16), 'probability' (softmax probability of the correct class), "
+                              "'logits' (every logit, float16: 2 bytes per class per example, opt-in)",
                               lambda v: set(v) <= set(STORABLE) and len(set(v)) == len(v),
                               "a list of distinct values from: " + ", ".join(STORABLE))
     eval_batch_size: int = option(4096, "examples per forward pass when every example is evaluated", _positive,
@@ -166,8 +168,8 @@ class EstimatesSection:
     top_k: int = option(10, "influencers kept per test example in 'topk' mode", _positive, "an integer > 0",
                         affects_results=False)
     soft: list[str] = option([], "soft estimates computed beside the 0/1 ones, from values [train] store keeps: "
-                             "'margin' and/or 'probability'", lambda v: set(v) <= set(STORABLE) and
-                             len(set(v)) == len(v), "a list of distinct values from: " + ", ".join(STORABLE),
+                             "'margin' and/or 'probability'", lambda v: set(v) <= set(SOFT_TARGETS) and
+                             len(set(v)) == len(v), "a list of distinct values from: " + ", ".join(SOFT_TARGETS),
                              affects_results=False)
     ratio: float = option(0.0, "the subset ratio whose runs give memorization and influence; 0 = the first of "
                           "[campaign] subset_ratio (the others feed the C-score)", lambda v: 0 <= v < 1,

@@ -131,3 +131,16 @@ def test_not_a_longtail_shard(tmp_path):
     pq.write_table(pa.table({"x": [1, 2]}), tmp_path / "x.parquet")
     with pytest.raises(ShardError, match="not a longtail shard"):
         read(tmp_path / "x.parquet")
+
+
+def test_full_logits_only_when_asked(tmp_path):
+    a = make()
+    rng = np.random.default_rng(2)
+    logits = (rng.normal(size=(N, C)).astype(np.float32), rng.normal(size=(NT, C)).astype(np.float32))
+    write_shard(tmp_path / "s.parquet", build_table(meta=META, **{**a, "values": {**a["values"], "logits": logits}}))
+    d = read(tmp_path / "s.parquet")
+    np.testing.assert_allclose(d.train_values["logits"], logits[0], atol=2e-3)  # float16
+    np.testing.assert_allclose(d.test_values["logits"], logits[1], atol=2e-3)
+    write_shard(tmp_path / "t.parquet", build_table(meta=META, **a))
+    assert "logits" not in read(tmp_path / "t.parquet").train_values
+    assert (tmp_path / "s.parquet").stat().st_size > (tmp_path / "t.parquet").stat().st_size + (N + NT) * C

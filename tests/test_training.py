@@ -35,6 +35,17 @@ def test_same_seed_same_predictions(digits):
     assert (0 <= p).all() and (p <= 1).all() and ((p > 0.5) <= (a.train_pred == d.y_train)).all()
 
 
+def test_logits_are_kept_only_when_stored(digits):
+    d, dd = digits
+    build = model_factory({"name": "mlp", "hidden": [16], "dropout": 0.0})
+    plain = train_run(build, dd, np.arange(300), 1, {**TRAIN, "epochs": 1})
+    kept = train_run(build, dd, np.arange(300), 1, {**TRAIN, "epochs": 1, "store": ["margin", "logits"]})
+    assert "logits" not in plain.train_values
+    logits = kept.train_values["logits"]
+    assert logits.shape == (d.n_train, 10) and logits.dtype == np.float16
+    np.testing.assert_array_equal(logits.astype(np.float32).argmax(axis=1)[:50], kept.train_pred[:50])
+
+
 def test_cnn_trains_and_evaluates_in_eval_mode(digits):
     d, dd = digits
     build = model_factory({"name": "cnn", "channels": [8, 16], "hidden": 32})

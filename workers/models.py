@@ -273,7 +273,7 @@ def ensemble_options(model: dict, train: dict) -> dict | None:
     this [model] and [train] exactly as `train_run` would, or None where it cannot: models other than
     "mlp" and "mnist-mlp" (its fixed 512-256 widths), and [train] features the ensemble lacks (augment,
     bf16, compile, warm-up) set away from their defaults. channels_last does nothing to an MLP."""
-    if any(train.get(k, v) != v for k, v in _NOT_IN_ENSEMBLE.items()):
+    if any(train.get(k, v) != v for k, v in _NOT_IN_ENSEMBLE.items()) or "logits" in train.get("store", ()):
         return None
     if model["name"] == "mlp":
         o = MLPOptions(**{k: v for k, v in model.items() if k != "name"})

@@ -9,6 +9,7 @@ One row per evaluated example, train rows then test rows:
     pred       int16    predicted label (int32 beyond 32,767 classes)
     margin     float16  correct-class logit minus the best other logit; null when not stored
     prob       float16  softmax probability of the correct class (only when [train] store has it)
+    logits     fixed_size_list<float16>[classes]  every logit (only when [train] store has it)
 
 Run-level facts are Parquet key-value metadata under the key "longtail" (JSON). Readers map rows to
 examples through `split` and `example`, never through row order.
@@ -79,6 +80,10 @@ def build_table(mask: np.ndarray, train_pred: np.ndarray, test_pred: np.ndarray,
     if "probability" in values:
         fields.append(("prob", pa.float16()))
         columns.append(_float16(np.r_[values["probability"]]))
+    if "logits" in values:  # every logit, only when asked: (examples x classes) float16
+        logits = np.concatenate(values["logits"]).astype(np.float16)
+        fields.append(("logits", pa.list_(pa.float16(), logits.shape[1])))
+        columns.append(pa.FixedSizeListArray.from_arrays(pa.array(logits.ravel(), pa.float16()), logits.shape[1]))
     schema = pa.schema(fields, metadata={META_KEY: json.dumps({"format": FORMAT_VERSION, **meta}).encode()})
     return pa.Table.from_arrays(columns, schema=schema)
 
@@ -195,6 +200,10 @@ def read_shard(path, *, campaign: str, spec_hash: str, run: int, n_train: int, n
             raise ShardError(f"{path}: column {column} has {col.null_count} missing values")
         v = col.to_numpy(zero_copy_only=False).astype(np.float32)
         train_values[name], test_values[name] = v[tr], v[te]
+    if "logits" in table.column_names:
+        col = table.column("logits").combine_chunks()
+        v = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+        train_values["logits"], test_values["logits"] = v[tr], v[te]
     shard_mask = subset[tr]
     if mask is not None and not np.array_equal(shard_mask, np.asarray(mask, bool)):
         raise ShardError(f"{path}: in_subset differs from the plan's subset of run {run} in "

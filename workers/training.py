@@ -254,7 +254,8 @@ def train_run(build, data: DeviceData, train_idx: np.ndarray, seed: int, train: 
     train_seconds = time.perf_counter() - start
     # evaluated uncompiled: one forward per example is a small share of a run, and a compiled eval
     # graph would add a compile (and one more per new batch size) for little gain
-    kw = {"precision": fast["precision"], "channels_last": fast["channels_last"]}
+    kw = {"precision": fast["precision"], "channels_last": fast["channels_last"],
+          "keep_logits": "logits" in train.get("store", ())}
     train_pred, train_values = evaluate(plain, data.x_train, data.y_train, train["eval_batch_size"], **kw)
     test_pred, test_values = evaluate(plain, data.x_test, data.y_test, train["eval_batch_size"], **kw)
     return RunOutput(train_pred, test_pred, train_values, test_values, train_seconds, float(loss.item()))
@@ -262,13 +263,14 @@ def train_run(build, data: DeviceData, train_idx: np.ndarray, seed: int, train: 
 
 @torch.no_grad()
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, precision: str = "fp32",
-             channels_last: bool = False) -> tuple[np.ndarray, dict]:
+             channels_last: bool = False, keep_logits: bool = False) -> tuple[np.ndarray, dict]:
     """Predicted labels, margins and correct-class probabilities of every example, in eval mode
     (batch norm and dropout frozen), never augmented; `precision` and `channels_last` as in training
-    (CUDA only), margins and probabilities computed from float32 logits."""
+    (CUDA only), margins and probabilities computed from float32 logits. With keep_logits, also every
+    logit as float16 (n, classes): 2 bytes per class per example, so only when [train] store asks."""
     model.eval()
     fmt = _memory_format(x.device, channels_last)
-    preds, margins, probs = [], [], []
+    preds, margins, probs, kept = [], [], [], []
     for s in range(0, len(y), batch_size):
         with _autocast(x.device, precision):
             logits = model(_to_format(x[s:s + batch_size], fmt)).float()
@@ -278,8 +280,13 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, precis
         preds.append(logits.argmax(dim=1))
         margins.append(own - others)
         probs.append(torch.softmax(logits, dim=1).gather(1, yb[:, None])[:, 0])
+        if keep_logits:
+            kept.append(logits.clamp(-65504, 65504).half().cpu())
     pred = torch.cat(preds).cpu().numpy()
     margin = torch.cat(margins).cpu().numpy().astype(np.float32)
     if not np.isfinite(margin).all():
         raise RunFailed("evaluation produced NaN or infinite logits")
-    return pred, {"margin": margin, "probability": torch.cat(probs).cpu().numpy().astype(np.float32)}
+    values = {"margin": margin, "probability": torch.cat(probs).cpu().numpy().astype(np.float32)}
+    if keep_logits:
+        values["logits"] = torch.cat(kept).numpy()
+    return pred, values
