@@ -19,6 +19,8 @@ def runs_per_call(spec) -> int:
     one vectorized step (MLPs the ensemble trainer reproduces exactly), else one."""
     from workers.models import ensemble_options
 
+    if spec.resources.devices_per_run > 1:
+        return 1  # one data-parallel run at a time per coordinator
     if spec.resources.pack:
         return spec.resources.pack
     packable = not spec.train.trainer and ensemble_options(spec.model.as_dict(), spec.to_dict()["train"]) is not None
@@ -42,13 +44,16 @@ class Slot:
 
 class WorkerPool:
     def __init__(self, ray, campaign: Campaign, say, probe: str = ""):
+        from workers.dataparallel import DataParallelWorker
         from workers.worker import RunWorker
 
         self.ray = ray
         self.c = campaign
         self.say = say
         self.res = campaign.spec.resources
-        self.actor_cls = ray.remote(RunWorker)
+        # runs over several devices are coordinated by a resource-free actor; Ray Train holds the devices
+        self.data_parallel = self.res.devices_per_run > 1
+        self.actor_cls = ray.remote(DataParallelWorker if self.data_parallel else RunWorker)
         self.spec = campaign.spec.to_dict()
         self.slots: list[Slot] = []
         self.probe = probe
@@ -69,9 +74,12 @@ class WorkerPool:
                 raise CampaignError(f"[resources] gpus_per_worker = {res.gpus_per_worker} but the cluster has no "
                                     f"GPU; set gpus_per_worker = 0 to train on CPUs")
             fit = min(fit, int(gpus // res.gpus_per_worker))
+        if self.data_parallel:  # a "worker" is then one run's worth of devices
+            fit //= res.devices_per_run
         if fit == 0:
-            raise CampaignError(f"the cluster ({total.get('CPU', 0):g} CPUs) cannot fit one worker of "
-                                f"{res.cpus_per_worker:g} CPUs; lower [resources] cpus_per_worker")
+            raise CampaignError(f"the cluster ({total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs) cannot fit "
+                                f"one run of {res.devices_per_run} x ({res.cpus_per_worker:g} CPUs, "
+                                f"{res.gpus_per_worker:g} GPUs); lower [resources]")
         return res.workers or fit
 
     def live(self) -> list[Slot]:
@@ -86,9 +94,9 @@ class WorkerPool:
         while len(self.live()) < target:
             k = next(self._ids)
             name = f"longtail:{self.c.name}:worker-{k}"
+            cpus, gpus = (0, 0) if self.data_parallel else (self.res.cpus_per_worker, self.res.gpus_per_worker)
             actor = self.actor_cls.options(
-                name=name, num_cpus=self.res.cpus_per_worker, num_gpus=self.res.gpus_per_worker,
-                max_restarts=0, max_task_retries=0,
+                name=name, num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0,
             ).remote(self.spec, self.c.name, self.c.spec.result_hash(), self.c.fingerprint,
                      max(1, int(self.res.cpus_per_worker)), self.res.gpus_per_worker > 0, self.probe,
                      self.res.ship_shards)

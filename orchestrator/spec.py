@@ -137,6 +137,10 @@ class ResourcesSection:
                                     _nonnegative, "a number >= 0", affects_results=False)
     max_in_flight: int = option(0, "runs dispatched and not yet finished; 0 = two calls per worker", _nonnegative,
                                 "an integer >= 0", affects_results=False)
+    devices_per_run: int = option(1, "devices one run trains on: above 1, each run trains data-parallel "
+                                  "(DDP) through Ray Train on that many workers of cpus_per_worker CPUs and "
+                                  "gpus_per_worker GPUs each (use gpus_per_worker = 1 for one GPU each)",
+                                  _positive, "an integer >= 1", affects_results=False)
     pack: int = option(0, "runs per worker call, trained together in one vectorized step where the model allows "
                        "(the builtin mlp); 0 = 16 for the builtin mlp, 1 otherwise", _nonnegative, "an integer >= 0",
                        affects_results=False)

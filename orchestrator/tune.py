@@ -70,6 +70,7 @@ def tune_recipe(spec: specs.Spec, samples: int, max_epochs: int, address: str | 
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if spec.train.trainer:
         raise TuneError("[train] trainer is a plug-in learner: `longtail tune` tunes the torch recipe "
@@ -89,7 +90,9 @@ def tune_recipe(spec: specs.Spec, samples: int, max_epochs: int, address: str | 
         tuner = tune.Tuner(
             tune.with_resources(trainable, resources), param_space=space,
             tune_config=tune.TuneConfig(metric="heldout_accuracy", mode="max", scheduler=scheduler,
-                                        num_samples=samples, reuse_actors=True),
+                                        num_samples=samples, reuse_actors=True,
+                                        # the search's points come from the campaign seed: reproducible
+                                        search_alg=BasicVariantGenerator(random_state=c.seed)),
             run_config=tune.RunConfig(name=f"tune-{c.name}", storage_path=storage, verbose=0))
         grid = tuner.fit()
         if grid.num_errors == len(grid) or len(grid) == 0:

@@ -73,6 +73,10 @@ def cluster():
                PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     gcs, dash, metrics = free_port(), free_port(), free_port()
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+
+    def agent_ports():  # Ray's fixed defaults collide with any other Ray on the machine (the test session's)
+        return ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+                "--runtime-env-agent-port", str(free_port())]
     # the head declares one (pretend) GPU, so that fractional-GPU packing is exercised without one
     try:
         # a head with RAY_AUTH_MODE=token needs a token first (docs/cluster.md)
@@ -80,9 +84,9 @@ def cluster():
                        timeout=60)
         subprocess.run([str(BIN / "ray"), "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
                         "--dashboard-port", str(dash), "--metrics-export-port", str(metrics),
-                        "--ray-client-server-port", str(free_port()), "--num-gpus", "1", *common],
+                        "--ray-client-server-port", str(free_port()), "--num-gpus", "1", *common, *agent_ports()],
                        env=env, check=True, capture_output=True, timeout=120)
-        subprocess.run([str(BIN / "ray"), "start", "--address", f"127.0.0.1:{gcs}", *common],
+        subprocess.run([str(BIN / "ray"), "start", "--address", f"127.0.0.1:{gcs}", *common, *agent_ports()],
                        env=env, check=True, capture_output=True, timeout=120)
         token = (home / ".ray" / "auth_token").read_text().strip()
         yield {"env": env, "api": f"http://127.0.0.1:{dash}", "metrics": f"http://127.0.0.1:{metrics}/metrics",

@@ -16,7 +16,7 @@ name = "mlp"
 hidden = [32]
 [train]
 epochs = 4
-lr = 0.01
+lr = 0.05
 """
 
 
@@ -28,7 +28,7 @@ def test_tune_writes_a_better_recipe(ray_session, tmp_path):
     assert "6 trials" in r.output and "best held-out accuracy" in r.output
     tuned = specs.load(tmp_path / "s.tuned.toml")
     # only the three tuned keys change; they stay in the search space
-    assert 0.001 <= tuned.train.lr <= 0.1 and 1e-6 <= tuned.train.weight_decay <= 1e-2
+    assert 0.005 <= tuned.train.lr <= 0.5 and 1e-6 <= tuned.train.weight_decay <= 1e-2
     assert 1 <= tuned.train.epochs <= 6
     assert tuned.replace(train=specs.load(tmp_path / "s.toml").train) == specs.load(tmp_path / "s.toml")
     acc = float(r.output.split("best held-out accuracy ")[1].split()[0])

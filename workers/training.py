@@ -193,11 +193,17 @@ def _compiled_model(build, fresh: torch.nn.Module, key: tuple):
 #  One run
 # --------------------------------------------------------------------------------------------------
 
-def train_run(build, data: DeviceData, train_idx: np.ndarray, seed: int, train: dict, on_epoch=None) -> RunOutput:
+def train_run(build, data: DeviceData, train_idx: np.ndarray, seed: int, train: dict, on_epoch=None,
+              data_parallel: tuple | None = None) -> RunOutput:
     """Train a fresh model from `build(num_classes, input_shape)` on examples `train_idx`, then evaluate all.
 
     `on_epoch(epoch, model)`, if given, is called after every epoch with the model (for recipe tuning,
-    which scores it on held-out examples and may stop the run early)."""
+    which scores it on held-out examples and may stop the run early).
+
+    `data_parallel = (rank, world, wrap)` trains this process's share of one run trained by `world`
+    processes (workers/dataparallel.py): every process draws the same shuffle, takes every world-th
+    example of each batch, and `wrap(model)` (DistributedDataParallel) averages the gradients, so one
+    step is one step of the global batch; a last batch smaller than `world` is skipped by all alike."""
     fast = fast_options(train)
     device = data.x_train.device
     fmt = _memory_format(device, fast["channels_last"])
@@ -211,6 +217,10 @@ def train_run(build, data: DeviceData, train_idx: np.ndarray, seed: int, train: 
     if fast["compile"]:
         key = (build, data.num_classes, tuple(data.input_shape), str(device), fmt)
         trained, plain = _compiled_model(build, model, key)
+    rank, world = 0, 1
+    if data_parallel is not None:
+        rank, world, wrap = data_parallel
+        trained = wrap(trained)
     aug = _augment_generator(seed, device) if fast["augment"] != "none" else None
     params = [p for p in plain.parameters() if p.requires_grad]
     if train["optimizer"] == "adam":
@@ -233,6 +243,10 @@ def train_run(build, data: DeviceData, train_idx: np.ndarray, seed: int, train: 
         order = torch.randperm(m, generator=shuffle).to(device)
         for b in range(steps_per_epoch):
             batch = order[b * bs:(b + 1) * bs]
+            if world > 1:
+                if len(batch) < world:  # every process must step together: skip alike
+                    continue
+                batch = batch[rank::world]
             for group in opt.param_groups:
                 group["lr"] = train["lr"] * _lr_factor(train["schedule"], step, total, warmup)
             xb = x[batch]

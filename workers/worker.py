@@ -51,7 +51,7 @@ def _node_id() -> str:
 
 class RunWorker:
     def __init__(self, spec: dict, campaign: str, spec_hash: str, fingerprint: str, threads: int = 1,
-                 use_gpu: bool = False, probe: str = "", ship: str = "auto"):
+                 use_gpu: bool = False, probe: str = "", ship: str = "auto", device: str | None = None):
         """Load the dataset the spec names (each worker reads it where it runs: no copy of the data
         travels through the driver) and check that it is the one the campaign was created with.
 
@@ -78,7 +78,7 @@ class RunWorker:
             from .training import DeviceData
 
             torch.set_num_threads(max(1, threads))
-            device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+            device = torch.device(device or ("cuda" if use_gpu and torch.cuda.is_available() else "cpu"))
             self.device = str(device)
             self.data = DeviceData.from_dataset(dataset, device)
             self.build = model_factory(spec["model"])
@@ -137,6 +137,17 @@ class RunWorker:
             except Exception as e:
                 results.append(self._failure(run, e, traceback.format_exc()))
         return results
+
+    def run_data_parallel(self, run: int, packed_mask: np.ndarray, seed: int, shard_path: str,
+                          data_parallel: tuple) -> dict | None:
+        """This process's share of a run trained by several (workers/dataparallel.py); rank 0 writes the
+        shard and returns the summary, the others None. Failures raise: Ray Train fails the run."""
+        from .training import train_run
+
+        start = time.perf_counter()
+        mask = self._mask(packed_mask)
+        out = train_run(self.build, self.data, np.flatnonzero(mask), seed, self.train, data_parallel=data_parallel)
+        return self._finish(run, mask, seed, shard_path, out, start) if data_parallel[0] == 0 else None
 
     def _mask(self, packed_mask: np.ndarray) -> np.ndarray:
         return np.unpackbits(np.asarray(packed_mask, np.uint8), count=self.dataset.n_train).astype(bool)
