@@ -28,7 +28,7 @@ epochs = 1
 batch_size = 64
 [resources]
 devices_per_run = 2
-cpus_per_worker = 1
+cpus_per_worker = 0.5  # two runs of two 0.5-CPU processes at once on the session's 2 CPUs
 """
 
 
