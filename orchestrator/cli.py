@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from . import spec as specs
+from .progress import format_bytes
 
 DEMO_SPEC = "demo.toml"
 
@@ -83,8 +84,8 @@ def validate(spec_file):
     click.echo(f"# work: {t} runs x {data.n_train + data.n_test} examples = {rows:,} predictions; "
                f"each run trains on {'about ' if spec.campaign.design != 'fixed' else ''}{sizes} examples "
                f"({spec.campaign.design} design)")
-    click.echo(f"# disk: about {_human(shard_bytes)} of shards, {_human(t * ((data.n_train + 7) // 8 + 8))} of plan"
-               + (f", {_human(2 * infl)} for dense influence (estimate + checkpoint)" if infl else ""))
+    click.echo(f"# disk: about {format_bytes(shard_bytes)} of shards, {format_bytes(t * ((data.n_train + 7) // 8 + 8))} of plan"
+               + (f", {format_bytes(2 * infl)} for dense influence (estimate + checkpoint)" if infl else ""))
     from estimators.estimates import error_bound
 
     main_runs = len(range(spec.campaign.ratios.index(spec.primary_ratio), t, len(spec.campaign.ratios)))
@@ -96,14 +97,6 @@ def validate(spec_file):
 def spec_reference():
     """Print every spec key with its default, accepted values and meaning (Markdown)."""
     click.echo(specs.reference_markdown())
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} PB"
 
 
 def _run(spec: specs.Spec | None, out: str, address: str | None, progress: bool, top: int,

@@ -40,8 +40,9 @@ import numpy as np
 from estimators.estimates import error_bound
 
 from . import spec as specs
-from .pool import runs_per_call
 from .campaign import CampaignError
+from .pool import runs_per_call
+from .progress import format_bytes, format_seconds
 
 DEFAULT_TARGET_SE = 0.05
 TOPK_ROW_BYTES = 26  # test int32, rank int16, train int32, infl/se/ci_low/ci_high float32 (uncompressed)
@@ -317,20 +318,6 @@ def build_plan(spec: specs.Spec, m: dict, workers: int, cluster: dict, mode: str
 # --- printing -------------------------------------------------------------------------------------
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} PB"
-
-
-def _human_seconds(s: float) -> str:
-    from .progress import format_seconds
-
-    return format_seconds(s)
-
-
 def format_plan(p: dict) -> str:
     pl, cl, st = p["pilot"], p["cluster"], p["storage_bytes"]
     res = (f"{cl['gpus_per_worker']:g} GPU + " if cl["gpus_per_worker"] else "") + f"{cl['cpus_per_worker']:g} CPU"
@@ -356,13 +343,13 @@ def format_plan(p: dict) -> str:
                             f"{pl['train_seconds_mean']:.3g} s)"),
         ("workers", f"{cl['workers']} ({res} each), as the cluster fits them"),
         ("throughput", f"{p['runs_per_second']:.3g} runs/s"),
-        ("wall time", f"{_human_seconds(p['wall_seconds'])} = {p['runs']} runs / {p['runs_per_second']:.3g} runs/s "
+        ("wall time", f"{format_seconds(p['wall_seconds'])} = {p['runs']} runs / {p['runs_per_second']:.3g} runs/s "
                       f"+ {p['startup_seconds']:.1f} s start-up"),
         ("compute", hours),
-        ("storage", f"{_human_bytes(st['total'])}: shards {_human_bytes(st['shards'])} "
-                    f"({_human_bytes(pl['bytes_per_shard'])} x {p['runs']}), plan {_human_bytes(st['plan'])}, "
-                    f"estimates {_human_bytes(st['estimates'])} ({p['influence_mode']} influence), "
-                    f"checkpoint {_human_bytes(st['checkpoint'])}"),
+        ("storage", f"{format_bytes(st['total'])}: shards {format_bytes(st['shards'])} "
+                    f"({format_bytes(pl['bytes_per_shard'])} x {p['runs']}), plan {format_bytes(st['plan'])}, "
+                    f"estimates {format_bytes(st['estimates'])} ({p['influence_mode']} influence), "
+                    f"checkpoint {format_bytes(st['checkpoint'])}"),
         ("error bound", f"{p['error_bound_rms']:.3f} RMS per estimate (paper, at {p['main_ratio_runs']} runs of "
                         f"ratio {p['subset_ratio']:g})"),
         ("memorization se", f"median {se['median']:.3f}, 90th percentile {se['p90']:.3f}, 99th {se['p99']:.3f} over "
