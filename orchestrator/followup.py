@@ -308,7 +308,7 @@ def run_utility(campaign_dir, thresholds: list[float], runs: int = 5, pairs: boo
                            f"(the largest memorization estimate is {np.nanmax(mem):.3f})"
                            + (" and there are no high-influence pairs" if not have_pairs else "")
                            + "; nothing to compare with the full training set. Use lower thresholds.")
-    root = c.paths.root / "utility"
+    root = c.paths.utility_dir
     runs_dir = root / "runs"
     makedirs(runs_dir)
     influenced = np.unique(found[1]) if pairs else np.zeros(0, np.int64)
@@ -359,7 +359,7 @@ def run_utility(campaign_dir, thresholds: list[float], runs: int = 5, pairs: boo
                 "influenced_share_of_drop": influenced_share_of_drop(p["drop_influenced"], len(influenced), c.n_test),
                 "full_acc": base["acc_mean"], "full_acc_influenced": base["acc_influenced_mean"],
             }
-        _write_results(root, report)
+        _write_results(c.paths, report)
     finally:
         lock.release()
     return report
@@ -525,16 +525,16 @@ COLUMNS = ("name", "kind", "threshold", "removed", "removed_share", "runs", "acc
            "acc_influenced_mean", "acc_influenced_se", "drop_influenced", "drop_influenced_se")
 
 
-def _write_results(root, report: UtilityReport) -> None:
+def _write_results(paths, report: UtilityReport) -> None:
     from .outputs import _clean, write_parquet
 
     cols = {k: [row[k] for row in report.rows] for k in COLUMNS}
     table = pa.table({k: pa.array(v, pa.string() if k in ("name", "kind") else
                                   pa.int64() if k in ("removed", "runs") else pa.float64())
                       for k, v in cols.items()})
-    write_parquet(root / "utility.parquet", table, sum(row["runs"] for row in report.rows))
+    write_parquet(paths.utility_results, table, sum(row["runs"] for row in report.rows))
     out = _clean({**report.info, "conditions": report.rows})
-    atomic_write_text(root / "summary.json", json.dumps(out, indent=2) + "\n")
+    atomic_write_text(paths.utility_dir / "summary.json", json.dumps(out, indent=2) + "\n")
 
 
 # --- printing -------------------------------------------------------------------------------------

@@ -108,6 +108,15 @@ class CampaignPaths:
     def summary(self) -> CampaignLocation:
         return self.estimates_dir / "summary.json"
 
+    # `longtail utility`: follow-up runs and their results (orchestrator/followup.py owns the inside)
+    @property
+    def utility_dir(self) -> CampaignLocation:
+        return self.root / "utility"
+
+    @property
+    def utility_results(self) -> CampaignLocation:
+        return self.utility_dir / "utility.parquet"
+
     @property
     def report(self) -> CampaignLocation:
         return self.root / "report" / "index.html"

@@ -782,7 +782,7 @@ def draw_utility(rows: dict[str, np.ndarray]) -> str:
 
 def utility_section(inp: Inputs) -> str:
     title = "Marginal utility of memorized examples"
-    path = inp.c.paths.root / "utility" / "utility.parquet"
+    path = inp.c.paths.utility_results
     rows = _columns(_read_table(path))
     if rows is None:
         return _section("utility", title, "The paper's Fig. 2 experiment has not been run for this campaign.",
