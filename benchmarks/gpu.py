@@ -23,9 +23,19 @@
     (torch.mm(..., out_dtype=torch.float32), CUDA only); a bf16 output rounds counts above 256;
     int8 -> int32 (torch._int_mm) is exact.
 
+(d) every built-in recipe (workers/recipes/) with its own model and [train] (bf16, channels_last,
+    compile as the recipe says), one epoch on the same synthetic data: seconds per run (the
+    per-epoch time scaled to the recipe's epochs) and test accuracy.
+(e) packed convnets (workers/packed.py): K = 1, 4, 16 runs of "cnn" and of the airbench net in one
+    fused model against K train_run calls; compare with (b), the fractional-GPU way.
+(f) a short campaign end to end (driver, Ray workers on fractions of the GPU, shards, estimates):
+    runs per second.
+At the end a summary table in Markdown, ready for docs/performance.md.
+
 --dry-run runs every step on the CPU at tiny sizes (the report has the same form; its times say
-nothing about a GPU). On the CPU, bf16 and channels_last are ignored by train_run and compile uses
-Dynamo's "eager" backend (inductor would compile C++ for minutes).
+nothing about a GPU). On the CPU, compile uses Dynamo's "eager" backend in this process and
+"aot_eager" in (f)'s workers (inductor would compile C++ for minutes), and the ResNet recipes in (d)
+run eagerly in fp32.
 """
 
 from __future__ import annotations
@@ -53,10 +63,17 @@ SIZES = {
     # n: training examples, side: image side, epochs/runs per configuration, k: packed runs,
     # gemm: (n_train, runs t, n_test), check_rows: rows of A compared with float64
     "full": dict(n_train=50_000, n_test=10_000, side=32, classes=10, epochs=4, runs=3, k=4,
-                 gemm=(50_000, 4_000, 10_000), check_rows=4096, repeats=5, model=None, batch=None),
+                 gemm=(50_000, 4_000, 10_000), check_rows=4096, repeats=5, model=None, batch=None,
+                 recipe_epochs=1, dry=False, pack_ks=(1, 4, 16), campaign_runs=64, campaign_workers=4,
+                 campaign_epochs=5,
+                 recipe_data=None),
     "dry": dict(n_train=512, n_test=128, side=16, classes=10, epochs=1, runs=2, k=2,
                 gemm=(640, 1_000, 256), check_rows=640, repeats=2,
-                model={"widths": [8, 16, 16], "stem_channels": 8}, batch=128),
+                model={"widths": [8, 16, 16], "stem_channels": 8}, batch=128,
+                recipe_epochs=1, dry=True, pack_ks=(1, 2), campaign_runs=4, campaign_workers=2,
+                campaign_epochs=1,
+                # (d) in a dry run: 12-pixel images (the airbench net needs 9), one run per recipe
+                recipe_data=dict(n_train=64, n_test=32, side=12, classes=10)),
 }
 RATIO = 0.7  # the paper's subset ratio
 
@@ -341,24 +358,201 @@ def section_c(cfg: dict, device: torch.device, out: dict) -> None:
     out["c"] = dict(shape=dict(n=n, t=t, n_test=n_test), ways=results)
 
 
+
+# --------------------------------------------------------------------------------------------------
+#  (d) every recipe: seconds per run and accuracy on the CIFAR-shaped data
+# --------------------------------------------------------------------------------------------------
+
+def recipe_train(name: str, cfg: dict) -> tuple[dict, dict]:
+    """Recipe `name`'s [model] and resolved [train], cut to cfg["recipe_epochs"] epochs (warm-up share kept)."""
+    from orchestrator.spec import TrainSection, parse_section
+    from workers.recipes import recipe_sections
+
+    sections = recipe_sections(name)
+    raw = dict(sections["train"])
+    if "warmup_epochs" in raw:
+        raw["warmup_epochs"] = raw["warmup_epochs"] * cfg["recipe_epochs"] / raw["epochs"]
+    full_epochs, raw["epochs"] = raw["epochs"], cfg["recipe_epochs"]
+    if cfg["batch"]:
+        raw["batch_size"] = min(raw["batch_size"], cfg["batch"])
+    train = dataclasses.asdict(parse_section(TrainSection, raw, f"[train] of recipe {name}"))
+    if cfg["dry"] and sections["model"]["name"].startswith("resnet"):
+        # dry run: tracing a ResNet-50 takes minutes on a CPU, and bf16 autocast on a CPU without
+        # native bf16 is emulated (several times slower than fp32)
+        train.update(compile=False, precision="fp32")
+    return sections["model"], dict(train, full_epochs=full_epochs)
+
+
+def section_d(cfg: dict, device: torch.device, data, out: dict) -> None:
+    from workers.models import model_factory
+    from workers.recipes import recipe_names
+
+    c = {**cfg, **(cfg["recipe_data"] or {})}
+    print(f"== (d) every recipe, {cfg['recipe_epochs']} epoch(s) on {round(RATIO * c['n_train']):,} of the "
+          f"{c['side']}x{c['side']} synthetic CIFAR-shaped images (its own model, precision, layout, compile), "
+          f"then all {c['n_train'] + c['n_test']:,} evaluated; 'per full run' scales the per-epoch time to the "
+          f"recipe's epochs")
+    print(f"   {'recipe':<20} {'first run':>10} {'per run':>9} {'per epoch':>10} {'per full run':>13} {'test acc':>9}")
+    rows = []
+    if cfg["recipe_data"]:
+        data = synthetic_cifar({**cfg, **cfg["recipe_data"]}, device)
+    for name in recipe_names():
+        model, train = recipe_train(name, cfg)
+        full = train.pop("full_epochs")
+        build = model_factory(model)
+        first = timed_run(build, data, 3000, train)  # compilation, autotuning
+        wall, loop, acc = timed_run(build, data, 0, train) if not cfg["recipe_data"] else first
+        per_epoch = loop / train["epochs"]
+        per_full = wall - loop + per_epoch * full
+        rows.append(dict(recipe=name, first_run_s=first[0], per_run_s=wall, per_epoch_s=per_epoch,
+                         per_full_run_s=per_full, full_epochs=full, test_acc=acc))
+        print(f"   {name:<20} {first[0]:>9.2f}s {wall:>8.2f}s {per_epoch:>9.3f}s {per_full:>12.1f}s {acc:>9.3f}")
+    out["d"] = dict(rows=rows)
+
+
+# --------------------------------------------------------------------------------------------------
+#  (e) packed convnets: K runs in one fused model against K runs one by one
+# --------------------------------------------------------------------------------------------------
+
+def section_e(cfg: dict, device: torch.device, data, out: dict) -> None:
+    from workers.models import model_factory
+    from workers.packed import train_packed
+
+    model, train = recipe(cfg)
+    train = {**train, "compile": False}  # packs are not compiled (workers/packed.py)
+    nets = {"cnn": {"name": "cnn", "channels": [32, 64], "hidden": 128},
+            "airbench": {"name": "airbench", **model}}
+    if cfg["dry"]:
+        train["precision"] = "fp32"  # emulated bf16 on a CPU: slow, and checked by (a) and (d) already
+        nets.pop("airbench")  # tests/test_packed_cnn.py packs it; the dry run only checks that (e) runs
+        nets["cnn"] = {"name": "cnn", "channels": [8, 16], "hidden": 16}
+    print(f"== (e) packing convnets: K runs in one fused model (workers/packed.py) vs K train_run calls, "
+          f"{train['epochs']} epoch(s) each, the airbench recipe's [train] in eager mode")
+    print(f"   {'model':<9} {'K':>3} {'sequential':>11} {'packed':>9} {'speed-up':>9} {'acc seq':>8} "
+          f"{'acc packed':>10}")
+    rows = []
+    for net, section in nets.items():
+        build = model_factory(section)
+        train_packed(build, data, [subset(cfg["n_train"], 4000)] * 2, [4000, 4001], train)  # warm-up
+        for k in cfg["pack_ks"]:
+            subs = [subset(cfg["n_train"], s) for s in range(k)]
+            sync(device)
+            t0 = time.perf_counter()
+            seq = [timed_run(build, data, s, train)[2] for s in range(k)]
+            seq_s = time.perf_counter() - t0
+            sync(device)
+            t0 = time.perf_counter()
+            outs = train_packed(build, data, subs, list(range(k)), train)
+            sync(device)
+            pack_s = time.perf_counter() - t0
+            acc = float(np.mean([(o.test_pred == data.y_test.cpu().numpy()).mean() for o in outs]))
+            rows.append(dict(model=net, k=k, sequential_s=seq_s, packed_s=pack_s, ratio=seq_s / pack_s,
+                             acc_sequential=float(np.mean(seq)), acc_packed=acc))
+            print(f"   {net:<9} {k:>3} {seq_s:>10.2f}s {pack_s:>8.2f}s {seq_s / pack_s:>8.2f}x {np.mean(seq):>8.3f} "
+                  f"{acc:>10.3f}")
+    best = max(rows, key=lambda r: r["ratio"])
+    print(f"   ratio (e): best packing speed-up {best['ratio']:.2f}x ({best['model']}, K = {best['k']}); "
+          f"(b) gave {out.get('b', {}).get('ratio', float('nan')):.2f}x for {cfg['k']} processes sharing the device")
+    out["e"] = dict(rows=rows)
+
+
+# --------------------------------------------------------------------------------------------------
+#  (f) a short campaign end to end: longtail's driver, Ray workers, shards, estimates
+# --------------------------------------------------------------------------------------------------
+
+def section_f(cfg: dict, device: torch.device, out: dict) -> None:
+    import tempfile
+
+    from orchestrator import spec as specs
+    from orchestrator.campaign import create_or_open
+    from orchestrator.driver import run_campaign
+
+    gpus = 0.0 if device.type == "cpu" else 1.0 / cfg["campaign_workers"]
+    text = f"""
+[campaign]
+name = "gpu-bench"
+runs = {cfg['campaign_runs']}
+seed = 0
+[dataset]
+name = "digits"
+[model]
+name = "cnn"
+channels = [16, 32]
+hidden = 64
+[train]
+epochs = {cfg['campaign_epochs']}
+batch_size = 128
+lr = 0.05
+[resources]
+workers = {cfg['campaign_workers']}
+cpus_per_worker = 1
+gpus_per_worker = {gpus}
+local_cpus = {max(2, cfg['campaign_workers'])}
+"""
+    print(f"== (f) campaign end to end: {cfg['campaign_runs']} runs of 'cnn' on digits, "
+          f"{cfg['campaign_epochs']} epochs, "
+          f"{cfg['campaign_workers']} workers x {gpus:g} GPU (packing: its automatic value)")
+    with tempfile.TemporaryDirectory(prefix="longtail-gpu-bench-") as tmp:
+        c = create_or_open(specs.loads(text, "gpu-bench.toml"), Path(tmp) / "c")
+        report = run_campaign(c, progress=False)
+    if not report.complete:
+        raise RuntimeError(f"the campaign did not complete: {report}")
+    rate = report.trained / report.training_seconds
+    print(f"   {report.trained} runs in {report.training_seconds:.1f} s of training ({report.seconds:.1f} s with Ray "
+          f"start-up and estimates): {rate:.2f} runs/s")
+    print(f"   ratio (f): {rate:.2f} runs/s end to end")
+    out["f"] = dict(runs=report.trained, training_s=report.training_seconds, total_s=report.seconds, runs_per_s=rate)
+
+
+def summary(out: dict) -> None:
+    """The figures of this call as a Markdown table, ready for docs/performance.md."""
+    rows = []
+    if "a" in out:
+        for r in out["a"]["rows"]:
+            rows.append((f"(a) airbench recipe, {r['config']}",
+                         f"{r['per_model_s']:.3f} s per run, acc {r['test_acc']:.3f}"))
+        rows.append(("(a) fast / baseline", f"{out['a']['ratio']:.2f}x"))
+    if "b" in out:
+        rows.append((f"(b) {out['b']['k']} processes sharing the device", f"{out['b']['ratio']:.2f}x throughput"))
+    if "c" in out:
+        for w in out["c"]["ways"]:
+            if w.get("available"):
+                rows.append((f"(c) GEMM {w['way'].split('  ')[0]}", f"{w['tflops']:.1f} TFLOP/s, "
+                             f"{'exact' if w['max_error'] == 0 else 'inexact'}"))
+    if "d" in out:
+        for r in out["d"]["rows"]:
+            rows.append((f"(d) recipe {r['recipe']}", f"{r['per_full_run_s']:.1f} s per full run "
+                         f"({r['full_epochs']} epochs, scaled), acc {r['test_acc']:.3f} after the short run"))
+    if "e" in out:
+        for r in out["e"]["rows"]:
+            rows.append((f"(e) packed {r['model']}, K = {r['k']}", f"{r['ratio']:.2f}x vs sequential"))
+    if "f" in out:
+        rows.append(("(f) campaign end to end", f"{out['f']['runs_per_s']:.2f} runs/s ({out['f']['runs']} runs)"))
+    print("== summary (Markdown, for docs/performance.md)")
+    print("| measurement | result |")
+    print("|---|---|")
+    for k, v in rows:
+        print(f"| {k} | {v} |")
+
 # --------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, seconds: checks that every step runs")
-    ap.add_argument("--only", default="a,b,c", help="sections to run, e.g. 'a,c' (default: all)")
+    ap.add_argument("--only", default="a,b,c,d,e,f", help="sections to run, e.g. 'a,c' (default: all)")
     ap.add_argument("--epochs", type=int, help="epochs per run in (a) and (b) (default 4; dry run 1)")
     ap.add_argument("--runs", type=int, help="timed runs per configuration in (a) (default 3)")
     ap.add_argument("--k", type=int, help="packed runs / processes in (b) (default 4)")
     ap.add_argument("--json", help="also write the measurements to this file")
     a = ap.parse_args(argv)
+    t_start = time.perf_counter()
     cfg = dict(SIZES["dry" if a.dry_run else "full"])
     for key in ("epochs", "runs", "k"):
         if getattr(a, key):
             cfg[key] = getattr(a, key)
     only = {s.strip() for s in a.only.split(",") if s.strip()}
-    if not only <= {"a", "b", "c"}:
-        ap.error(f"--only takes sections from a, b, c; found {a.only!r}")
+    if not only <= set("abcdef"):
+        ap.error(f"--only takes sections from a, b, c, d, e, f; found {a.only!r}")
 
     if a.dry_run:
         device = torch.device("cpu")
@@ -373,6 +567,7 @@ def main(argv=None) -> int:
 
     if device.type == "cpu":
         training._COMPILE_BACKEND = "eager"  # Dynamo without inductor's C++ compilation: checks the path only
+        os.environ["LONGTAIL_COMPILE_BACKEND"] = "aot_eager"  # the same for (f)'s Ray workers
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"longtail GPU benchmark{' (DRY RUN: CPU, tiny sizes; times mean nothing)' if a.dry_run else ''}")
     print(f"device {device} ({name}); torch {torch.__version__}, CUDA {torch.version.cuda}; "
@@ -381,9 +576,10 @@ def main(argv=None) -> int:
     out: dict = {"device": str(device), "device_name": name, "torch": torch.__version__, "dry_run": a.dry_run,
                  "sizes": cfg}
     failed = []
-    data = synthetic_cifar(cfg, device) if only & {"a", "b"} else None
+    data = synthetic_cifar(cfg, device) if only & {"a", "b", "d", "e"} else None
     for key, fn, args in (("a", section_a, (cfg, device, data, out)), ("b", section_b, (cfg, device, data, out)),
-                          ("c", section_c, (cfg, device, out))):
+                          ("c", section_c, (cfg, device, out)), ("d", section_d, (cfg, device, data, out)),
+                          ("e", section_e, (cfg, device, data, out)), ("f", section_f, (cfg, device, out))):
         if key not in only:
             continue
         start = time.perf_counter()
@@ -393,6 +589,8 @@ def main(argv=None) -> int:
             failed.append(key)
             print(f"   section ({key}) FAILED:\n" + traceback.format_exc())
         print(f"   ({key}) took {time.perf_counter() - start:.1f} s")
+    summary(out)
+    print(f"total {time.perf_counter() - t_start:.1f} s")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2, default=str))
     if failed:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import rational
 from .stats import CORRECT, Stats
 
 Z95 = 1.959963984540054
@@ -164,17 +165,41 @@ class Pairs:
     se: np.ndarray | None = None  # of the influence, when known
 
 
+@dataclass(frozen=True)
+class Counts:
+    """The integer counts behind dense 0/1 influence, so that thresholds are decided exactly
+    (estimators/rational.py): a[i, j] correct in-runs, n_in[i], total[j] correct runs, runs."""
+
+    a: np.ndarray
+    n_in: np.ndarray
+    total: np.ndarray
+    runs: int
+
+
+# float32 estimates are within a few 1e-7 of the exact value: candidates are taken this far below a
+# threshold and the counts decide
+_CANDIDATE_MARGIN = 1e-4
+
+
 def high_influence_pairs(mem: np.ndarray, infl: np.ndarray, train_labels: np.ndarray, test_labels: np.ndarray,
                          mem_threshold: float = 0.25, infl_threshold: float = 0.15, same_class: bool = True,
-                         infl_se: np.ndarray | None = None) -> Pairs:
+                         infl_se: np.ndarray | None = None, memorized: np.ndarray | None = None,
+                         counts: Counts | None = None) -> Pairs:
     """The paper's selection from a dense matrix: mem(i) >= mem_threshold, infl(i, j) >= infl_threshold,
-    y_i == y'_j. Sorted by decreasing influence. NaN estimates never pass a threshold."""
-    rows = np.flatnonzero(mem >= mem_threshold)
+    y_i == y'_j. Sorted by decreasing influence. NaN estimates never pass a threshold.
+
+    `memorized` (bool per training example) and `counts` make both decisions exact for a 0/1 target
+    (rational.memorized, rational.at_least); without them the floats decide."""
+    rows = np.flatnonzero(mem >= mem_threshold if memorized is None else memorized)
     sub = infl[rows]
-    keep = sub >= infl_threshold
+    keep = sub >= (infl_threshold if counts is None else infl_threshold - _CANDIDATE_MARGIN)
     if same_class:
         keep &= train_labels[rows][:, None] == test_labels[None, :]
     r, j = np.nonzero(keep)
+    if counts is not None:
+        ok = rational.at_least(counts.a[rows[r], j], counts.n_in[rows[r]], counts.total[j], counts.runs,
+                               infl_threshold)
+        r, j = r[ok], j[ok]
     return select_pairs(rows[r], j, sub[r, j], mem, None if infl_se is None else infl_se[rows][r, j])
 
 
@@ -188,9 +213,15 @@ def select_pairs(train: np.ndarray, test: np.ndarray, infl: np.ndarray, mem: np.
 
 
 def filter_pairs(pairs: Pairs, mem: np.ndarray, train_labels: np.ndarray, test_labels: np.ndarray,
-                 mem_threshold: float, infl_threshold: float, same_class: bool) -> Pairs:
-    """The paper's selection applied to candidate pairs (e.g. all pairs above a lower threshold)."""
-    keep = (mem[pairs.train] >= mem_threshold) & (pairs.infl >= infl_threshold)
+                 mem_threshold: float, infl_threshold: float | None, same_class: bool,
+                 memorized: np.ndarray | None = None) -> Pairs:
+    """The paper's selection applied to candidate pairs (e.g. all pairs above a lower threshold).
+
+    infl_threshold None: the candidates were already decided exactly (influence.top_k, per_class);
+    `memorized` (bool per training example, rational.memorized) decides the memorization exactly."""
+    keep = mem[pairs.train] >= mem_threshold if memorized is None else memorized[pairs.train]
+    if infl_threshold is not None:
+        keep &= pairs.infl >= infl_threshold
     if same_class:
         keep &= train_labels[pairs.train] == test_labels[pairs.test]
     return select_pairs(pairs.train[keep], pairs.test[keep], pairs.infl[keep], mem,

@@ -17,11 +17,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from . import rational
 from .estimates import Difference, difference
 
 MaskColumns = Callable[[np.ndarray], np.ndarray]
 BYTES_PER_CELL = 4 * 12  # float32 A, the out sums, and the temporaries of `difference`
-TOPK_BYTES_PER_CELL = 4 * 5  # top-k: the transposed GEMM tile, its estimate, a partition copy, masks
+TOPK_BYTES_PER_CELL = 4 * 5  # top-k: the transposed GEMM tile, the halves' two, the comparison's mask, slack
 
 
 def tile_shape(n_rows: int, n_cols: int, budget_bytes: float, bytes_per_cell: int = BYTES_PER_CELL
@@ -52,8 +53,15 @@ class Outcomes:
 
 def block(mask_columns: MaskColumns, out: Outcomes, rows: np.ndarray, cols: np.ndarray) -> Difference:
     """Influence of training examples `rows` on test examples `cols`: one GEMM and its epilogue."""
+    return _block(mask_columns, out, rows, cols)[0]
+
+
+def _block(mask_columns: MaskColumns, out: Outcomes, rows: np.ndarray, cols: np.ndarray,
+           xt: np.ndarray | None = None):
+    """block(), and the in-sums and in-counts it came from. `xt`: out.x transposed and contiguous, from
+    which scattered test columns are contiguous rows (gathering them from out.x misses cache per run)."""
     m = mask_columns(rows).astype(np.float32)  # (runs, len(rows))
-    x = out.x[:, cols]
+    x = out.x[:, cols] if xt is None else xt[cols].T
     a_in = m.T @ x
     n_in = m.sum(axis=0, dtype=np.float64)[:, None]
     n_out = out.runs - n_in
@@ -63,7 +71,7 @@ def block(mask_columns: MaskColumns, out: Outcomes, rows: np.ndarray, cols: np.n
         sq_in = m.T @ (x * x)
         sq_out = out.total_sq[cols].astype(np.float32)[None, :] - sq_in
     return difference(a_in, n_in.astype(np.float32), a_out, n_out.astype(np.float32), sq_in, sq_out,
-                      out.binary, dtype=np.float32)
+                      out.binary, dtype=np.float32), a_in, n_in[:, 0]
 
 
 def tiles(n_train: int, n_test: int, budget_bytes: float) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -92,23 +100,42 @@ class ClassBlock:
     test: np.ndarray  # global test ids of the class (tt_classidx_k)
     infl: np.ndarray  # (len(train), len(test)) float32, train-major
     se: np.ndarray
+    pairs: tuple[np.ndarray, np.ndarray] | None = None  # (rows, cols) into the block with infl >= threshold
 
 
 def per_class(mask_columns: MaskColumns, out: Outcomes, train_labels: np.ndarray, test_labels: np.ndarray,
-              budget_bytes: float = 2**30) -> list[ClassBlock]:
-    """Influence within each class only: the blocks the paper's same-class selection needs."""
+              budget_bytes: float = 2**30, threshold: float | None = None) -> list[ClassBlock]:
+    """Influence within each class only: the blocks the paper's same-class selection needs.
+
+    With `threshold`, each block also lists its cells with infl >= threshold, decided exactly on the
+    counts for a 0/1 target (estimators/rational.py)."""
     blocks = []
+    exact = out.binary and threshold is not None
+    xt = np.ascontiguousarray(out.x.T)  # classes pick scattered test examples: rows of this
     for k in np.union1d(np.unique(train_labels), np.unique(test_labels)):
         tr = np.flatnonzero(train_labels == k)
         te = np.flatnonzero(test_labels == k)
         infl = np.full((len(tr), len(te)), np.nan, np.float32)
         se = np.full_like(infl, np.nan)
+        found_r, found_j = [], []
         if len(tr) and len(te):
             for rows, cols in tiles(len(tr), len(te), budget_bytes):
-                d = block(mask_columns, out, tr[rows], te[cols])
+                d, a_in, n_in = _block(mask_columns, out, tr[rows], te[cols], xt)
                 infl[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = d.est
                 se[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = d.se
-        blocks.append(ClassBlock(int(k), tr, te, infl, se))
+                if threshold is None:
+                    continue
+                # float32 is within ~1e-6 of the exact estimate: the counts decide near the threshold
+                r, j = np.nonzero(d.est >= (threshold - 1e-4 if exact else threshold))
+                if exact:
+                    ok = rational.at_least(a_in[r, j], n_in[r], out.total[te[cols]][j], out.runs, threshold)
+                    r, j = r[ok], j[ok]
+                found_r.append(rows[r])
+                found_j.append(cols[j])
+        pairs = None if threshold is None else (
+            np.concatenate(found_r) if found_r else np.zeros(0, np.int64),
+            np.concatenate(found_j) if found_j else np.zeros(0, np.int64))
+        blocks.append(ClassBlock(int(k), tr, te, infl, se, pairs))
     return blocks
 
 
@@ -125,103 +152,264 @@ class TopK:
     pairs_test: np.ndarray
     pairs_infl: np.ndarray
     pairs_se: np.ndarray
+    half_pairs: list | None = None  # with `halves`: per half, (train ids, test ids) with infl >= threshold
 
 
-def top_k(mask_columns: MaskColumns, out: Outcomes, n_train: int, k: int, threshold: float,
-          budget_bytes: float = 2**30) -> TopK:
-    """Stream tiles of influence, keeping only the running top-k of every test example and the pairs
-    >= threshold.
+@dataclass
+class Halves:
+    """Split-half influence computed in the same pass as the whole: `half[r]` (0 or 1) is the half of the
+    r-th run in use, `rows[h]` (bool, n_train) the training examples whose pairs are wanted in half h
+    (e.g. those memorized in that half), `threshold` the influence their pairs must reach. Each half
+    adds a GEMM over its wanted training examples only (half the runs, a few of the columns)."""
 
-    Tiles are computed transposed, (test x train), so that each test example's candidates are
-    contiguous; only the estimate is computed for the whole tile (two passes), the k-th largest
-    value of every test row found by partition, and standard errors and intervals computed at the
-    end for the pairs kept. Memory: one tile plus the O(n_test k) running state."""
-    n_test = out.x.shape[1]
-    k = min(k, n_train)
-    rows, cols = tile_shape(n_train, n_test, budget_bytes, TOPK_BYTES_PER_CELL)
-    total = out.total.astype(np.float32)
-    n_in_all = np.zeros(n_train, np.float32)
-    # running state per test example: value, train id, in-sum (and in-sum of squares) of the k best
-    best_val = np.full((n_test, k), -np.inf, np.float32)
-    best_id = np.full((n_test, k), -1, np.int64)
-    best_a = np.zeros((n_test, k), np.float32)
-    best_q = None if out.binary else np.zeros((n_test, k), np.float32)
-    found: dict[str, list] = {"train": [], "test": [], "a": [], "q": []}
-    xt_full = out.x.T  # (n_test, runs) view
-    for r0 in range(0, n_train, rows):
-        idx = np.arange(r0, min(r0 + rows, n_train))
-        m = mask_columns(idx).astype(np.float32)  # (runs, r)
-        n_in = m.sum(axis=0)
-        n_in_all[idx] = n_in
-        n_out = out.runs - n_in
-        inv_in, inv_out = _inv(n_in), _inv(n_out)
-        defined = (n_in > 0) & (n_out > 0)
-        for c0 in range(0, n_test, cols):
-            c = slice(c0, min(c0 + cols, n_test))
-            xt = xt_full[c]  # (cols, runs)
-            a = xt @ m  # (cols, r): sums over in-runs
-            q = None if out.binary else (xt * xt) @ m
-            est = a * (inv_in + inv_out)[None, :]
-            est -= total[c, None] * inv_out[None, :]
-            est[:, ~defined] = -np.inf
-            # pairs above the threshold
-            j, i = np.nonzero(est >= threshold)
-            found["train"].append(idx[i])
-            found["test"].append(j + c0)
-            found["a"].append(a[j, i])
-            found["q"].append(None if q is None else q[j, i])
-            # candidates for the top k: everything at least the k-th largest of the tile's row
-            kk = min(k, len(idx))
-            kth = np.partition(est, len(idx) - kk, axis=1)[:, len(idx) - kk]
-            j, i = np.nonzero((est >= kth[:, None]) & np.isfinite(est))
-            _merge(best_val, best_id, best_a, best_q, c0, j, idx[i], est[j, i], a[j, i],
-                   None if q is None else q[j, i])
-    outs = {}
-    cat = {key: np.concatenate(v) if v and v[0] is not None else None for key, v in found.items()}
-    for name, ids, tests, a, q in (("best", best_id, np.arange(n_test)[:, None], best_a, best_q),
-                                   ("pairs", cat["train"], cat["test"], cat["a"], cat["q"])):
-        safe = np.maximum(ids, 0)
-        n_in = n_in_all[safe]
-        n_out = out.runs - n_in
-        sq_in = sq_out = None
-        if not out.binary:
-            sq_in, sq_out = q, out.total_sq.astype(np.float32)[tests] - q
-        d = difference(a, n_in, total[tests] - a, n_out, sq_in, sq_out, out.binary, dtype=np.float32)
-        outs[name] = d
-    b, p = outs["best"], outs["pairs"]
-    missing = best_id < 0
-    for arr in (b.est, b.se, b.ci_low, b.ci_high):
-        arr[missing] = np.nan
-    return TopK(train=best_id, infl=b.est, se=b.se, ci_low=b.ci_low, ci_high=b.ci_high,
-                pairs_train=cat["train"].astype(np.int64), pairs_test=cat["test"].astype(np.int64),
-                pairs_infl=p.est.astype(np.float32), pairs_se=p.se.astype(np.float32))
+    half: np.ndarray
+    rows: tuple[np.ndarray, np.ndarray]
+    threshold: float
 
 
-def _inv(n: np.ndarray) -> np.ndarray:
-    out = np.full(n.shape, np.nan, np.float32)
-    np.divide(1.0, n, out=out, where=n > 0)
+def counts_in(mask_columns: MaskColumns, n_train: int, runs: int, budget_bytes: float,
+              groups: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """n_in of every training example over all runs in use, then over each run subset in `groups`."""
+    step = max(8, int(budget_bytes // (2 * max(runs, 1))))
+    out = [np.zeros(n_train, np.int64) for _ in range(1 + len(groups or []))]
+    for r0 in range(0, n_train, step):
+        m = mask_columns(np.arange(r0, min(r0 + step, n_train)))
+        out[0][r0:r0 + m.shape[1]] = m.sum(axis=0)
+        for g, runs_g in enumerate(groups or []):
+            out[g + 1][r0:r0 + m.shape[1]] = m[runs_g].sum(axis=0)
     return out
 
 
-def _merge(best_val, best_id, best_a, best_q, c0, j, ids, vals, a, q) -> None:
-    """Merge candidates (test j + c0, train id, value) into the running top-k, ties to the smaller id."""
-    k = best_val.shape[1]
-    tests = np.unique(j) + c0
-    old_j = np.repeat(tests, k)
-    rows = tests - c0
-    cand_j = np.concatenate([old_j - c0, j])
-    cand_val = np.concatenate([best_val[tests].ravel(), vals])
-    cand_id = np.concatenate([best_id[tests].ravel(), ids])
-    cand_a = np.concatenate([best_a[tests].ravel(), a])
-    cand_q = None if best_q is None else np.concatenate([best_q[tests].ravel(), q])
-    order = np.lexsort((np.where(cand_id < 0, np.iinfo(np.int64).max, cand_id), -cand_val, cand_j))
-    cand_j = cand_j[order]
-    starts = np.searchsorted(cand_j, rows)
-    rank = np.arange(len(cand_j)) - np.repeat(starts, np.diff(np.r_[starts, len(cand_j)]))
-    keep = rank < k
-    tj, tr = cand_j[keep] + c0, rank[keep]
-    best_val[tj, tr] = cand_val[order][keep]
-    best_id[tj, tr] = cand_id[order][keep]
-    best_a[tj, tr] = cand_a[order][keep]
-    if best_q is not None:
-        best_q[tj, tr] = cand_q[order][keep]
+class _Best:
+    """The running top k of every test example: estimate keys (float64, exact order), ids, in-sums."""
+
+    def __init__(self, n_test: int, k: int):
+        self.k = k
+        self.key = np.full((n_test, k), -np.inf)
+        self.id = np.full((n_test, k), -1, np.int64)
+        self.a = np.zeros((n_test, k))
+        self.count = np.zeros(n_test, np.int64)
+
+    def merge(self, j: np.ndarray, ids: np.ndarray, key: np.ndarray, a: np.ndarray) -> None:
+        """Merge candidates (test j, train id, key, in-sum) in: higher key first, ties to the smaller id."""
+        if len(j) == 0:
+            return
+        k = self.k
+        rows = np.unique(j)
+        cj = np.concatenate([np.repeat(rows, k), j])
+        ck = np.concatenate([self.key[rows].ravel(), key])
+        cid = np.concatenate([self.id[rows].ravel(), ids])
+        ca = np.concatenate([self.a[rows].ravel(), a])
+        # (test row, -key, id): the row key as uint16 where it fits, which numpy sorts by radix
+        row_key = cj.astype(np.uint16) if len(self.count) <= 2**16 else cj
+        order = np.lexsort((np.where(cid < 0, np.iinfo(np.int64).max, cid), -ck, row_key))
+        cj = cj[order]
+        starts = np.searchsorted(cj, rows)
+        rank = np.arange(len(cj)) - np.repeat(starts, np.diff(np.r_[starts, len(cj)]))
+        keep = rank < k
+        tj, tr, o = cj[keep], rank[keep], order[keep]
+        self.key[tj, tr] = ck[o]
+        self.id[tj, tr] = cid[o]
+        self.a[tj, tr] = ca[o]
+        self.count[rows] = np.minimum(k, self.count[rows] + np.bincount(j, minlength=len(self.count))[rows])
+
+
+class _Rule:
+    """Which cells of a tile can matter, as per-test-row thresholds on the in-sums `a` of one group of
+    training examples that share n_in (within it an estimate is increasing in `a`): exact integer
+    thresholds for 0/1 targets (see estimators/rational.py), float ones with a small margin for soft
+    targets, whose candidates the exact float64 key then decides."""
+
+    def __init__(self, out: Outcomes, threshold: float | None):
+        self.t = out.runs
+        self.threshold = threshold
+        self.exact = out.binary and self.t <= 40_000 and (threshold is None or rational.exact_ok(self.t, threshold))
+        self.total = out.total.astype(np.int64) if self.exact else out.total
+
+    def key(self, a, n, total):
+        if self.exact:
+            return rational.order_key(a, n, total, self.t)
+        t = self.t
+        return (np.asarray(a, np.float64) * t - n * total) / (n * (t - n))
+
+    def pair_need(self, n: int, total: np.ndarray) -> np.ndarray:
+        """Smallest in-sum whose estimate reaches the threshold, per test row (float64)."""
+        if self.threshold is None:
+            return np.full(total.shape, np.inf)
+        if self.exact:
+            return rational.need_at_least(n, total, self.t, self.threshold).astype(np.float64)
+        need = (self.threshold * n * (self.t - n) + n * total) / self.t
+        return need - 1e-6 * (np.abs(need) + 1)
+
+    def top_need(self, n: int, total: np.ndarray, best: _Best, c: slice, n_in: np.ndarray) -> np.ndarray:
+        """Per test row, the smallest in-sum whose estimate is strictly above the running k-th best
+        (-1 where fewer than k are kept). Strictly: tiles are visited in increasing train id, so a
+        later cell never wins a tie against a kept one (ties go to the smaller id)."""
+        filled = best.count[c] >= best.k
+        if not self.exact:  # the margin lets the exact key decide the near-ties
+            need = (best.key[c, -1] * n * (self.t - n) + n * total) / self.t
+            return np.where(filled, need - 1e-6 * (np.abs(need) + 1), -np.inf)
+        t = self.t
+        kn = np.where(filled, n_in[np.maximum(best.id[c, -1], 0)], 1)
+        ka = np.where(filled, best.a[c, -1], 0).astype(np.int64)
+        den = kn * (t - kn)
+        den = np.where(den > 0, den, 1)
+        r = (ka * t - kn * total) * (n * (t - n)) + n * total * den  # key > kth  <=>  a > r / (t den)
+        return np.where(filled, r // (t * den) + 1, -1).astype(np.float64)
+
+
+def top_k(mask_columns: MaskColumns, out: Outcomes, n_train: int, k: int, threshold: float | None,
+          budget_bytes: float = 2**30, n_in: np.ndarray | None = None, halves: Halves | None = None) -> TopK:
+    """Stream tiles of influence, keeping only the running top-k of every test example and the pairs
+    >= threshold (and, with `halves`, the pairs of each half, from the same GEMMs).
+
+    Selection costs about as much as reading the GEMM's output once, whatever the noise: within a
+    tile the training examples are grouped by n_in, and within a group an estimate is increasing in
+    the in-sum a, so "reaches the threshold" and "beats the k-th best so far" are one comparison of a
+    against a per-test-row bound (exact integers for 0/1 targets); only the few cells that pass are
+    looked at again. Tiles are contiguous ranges of training ids (the plan's fast path); they start
+    small and grow, so the k-th best is soon a tight bound, and since they come in increasing id
+    order a later cell never wins a tie (ties go to the smaller id). Estimates are never formed for
+    a whole tile; standard errors and intervals are computed at the end for what was kept.
+    Memory: one tile plus the O(n_test k) running state."""
+    n_test = out.x.shape[1]
+    t = out.runs
+    k = min(k, n_train)
+    groups = None if halves is None else [np.flatnonzero(halves.half == h) for h in range(2)]
+    counts = counts_in(mask_columns, n_train, t, budget_bytes, groups) if n_in is None or halves else None
+    n_in = counts[0] if n_in is None else np.asarray(n_in, np.int64)
+    defined = (n_in > 0) & (n_in < t)
+    rule = _Rule(out, threshold)
+    rows, cols = tile_shape(n_train, n_test, budget_bytes, TOPK_BYTES_PER_CELL)
+    best = _Best(n_test, k)
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    xt_full = out.x.T  # (n_test, runs) view
+    if halves is not None:
+        half_out = [Outcomes(out.x[g], out.binary) for g in groups]
+        half_rule = [_Rule(h, halves.threshold) for h in half_out]
+        half_n = counts[1:]
+        half_found: list[list] = [[], []]
+    pos, width = 0, min(rows, max(2 * k, 16))  # every cell of the first tile is a candidate: keep it small
+    while pos < n_train:
+        ids = np.arange(pos, min(pos + width, n_train))  # a contiguous range: the plan's fast path
+        pos += width
+        width = min(rows, 4 * width)
+        keep = np.flatnonzero(defined[ids])
+        keep = keep[np.argsort(n_in[ids[keep]], kind="stable")]  # stable: ids ascend within a group
+        if not len(keep):
+            continue
+        idx = ids[keep]
+        m = mask_columns(ids)[:, keep].astype(np.float32)  # (runs, w), columns grouped by n_in
+        n_tile = n_in[idx]
+        cut = np.flatnonzero(np.diff(n_tile)) + 1
+        segments = list(zip(np.r_[0, cut], np.r_[cut, len(idx)]))
+        # a half's pairs need its in-sums only for the training examples wanted there (those it
+        # memorized: few), so each half adds a GEMM over those columns alone, grouped by the half's n_in
+        half_cols = [] if halves is None else [_wanted(halves.rows[h][idx], half_n[h][idx], half_out[h].runs)
+                                                for h in range(2)]
+        m_half = [np.ascontiguousarray(m[np.ix_(groups[h], sel)]) for h, sel in enumerate(half_cols)]
+        for c0 in range(0, n_test, cols):
+            c = slice(c0, min(c0 + cols, n_test))
+            a = xt_full[c] @ m  # (cols, w): sums over in-runs, exact integers for 0/1 targets
+            total = rule.total[c]
+            cands = [_select(a[:, lo:hi], idx[lo:hi], int(n_tile[lo]), total, c, rule, best, n_in, found)
+                     for lo, hi in segments]
+            # one merge per tile: the bounds of its later groups are a little looser, but each merge
+            # sorts the k kept cells of every test example it touches
+            tj, tid, key, ta = (np.concatenate(v) for v in zip(*cands))
+            best.merge(tj + c0, tid, key, ta)
+            for h, sel in enumerate(half_cols):
+                if len(sel):
+                    _half_pairs(half_out[h].x.T[c] @ m_half[h], idx[sel], half_n[h][idx[sel]], half_rule[h], c,
+                                half_found[h])
+    pairs_train, pairs_test, pairs_a = (np.concatenate(v) if found else np.zeros(0, dt)
+                                        for v, dt in zip(zip(*found) if found else ((), (), ()),
+                                                         (np.int32, np.int32, np.float32)))
+    b = _estimates(mask_columns, out, n_in, best.id, np.arange(n_test)[:, None], best.a)
+    pairs_infl = np.empty(len(pairs_a), np.float32)
+    pairs_se = np.empty(len(pairs_a), np.float32)
+    for s0 in range(0, len(pairs_a), 2**20):  # in chunks: millions of pairs at 200 runs, few temporaries
+        s1 = s0 + 2**20
+        p = _estimates(mask_columns, out, n_in, pairs_train[s0:s1], pairs_test[s0:s1], pairs_a[s0:s1])
+        pairs_infl[s0:s1], pairs_se[s0:s1] = p.est, p.se
+    missing = best.id < 0
+    for arr in (b.est, b.se, b.ci_low, b.ci_high):
+        arr[missing] = np.nan
+    hp = None
+    if halves is not None:
+        hp = []
+        for f in half_found:
+            hp.append(tuple(np.concatenate([x[i] for x in f]).astype(np.int64) if f else np.zeros(0, np.int64)
+                            for i in range(2)))
+    return TopK(train=best.id, infl=b.est, se=b.se, ci_low=b.ci_low, ci_high=b.ci_high,
+                pairs_train=pairs_train.astype(np.int64), pairs_test=pairs_test.astype(np.int64),
+                pairs_infl=pairs_infl, pairs_se=pairs_se, half_pairs=hp)
+
+
+def _estimates(mask_columns: MaskColumns, out: Outcomes, n_in: np.ndarray, ids, tests, a) -> Difference:
+    """Estimates, standard errors and intervals of kept cells (train ids, test ids, in-sums)."""
+    n = n_in[np.maximum(ids, 0)].astype(np.float32)
+    a = np.asarray(a, np.float32)
+    total = out.total.astype(np.float32)[tests]
+    sq_in = sq_out = None
+    if not out.binary:
+        sq_in = _square_sums(mask_columns, out, ids, tests)
+        sq_out = out.total_sq.astype(np.float32)[tests] - sq_in
+    return difference(a, n, total - a, out.runs - n, sq_in, sq_out, out.binary, dtype=np.float32)
+
+
+def _select(a, ids, n, total, c, rule: _Rule, best: _Best, n_in, found):
+    """The cells of one group of training examples (equal n_in = n) that reach the threshold (appended
+    to `found`) or may enter the running top k (returned: test row, train id, order key, in-sum)."""
+    pair_need = rule.pair_need(n, total)
+    top_need = rule.top_need(n, total, best, c, n_in)
+    need = np.minimum(pair_need, top_need)
+    j, i = np.nonzero(a >= need[:, None].astype(np.float32) if rule.exact else a >= need[:, None])
+    vals = a[j, i].astype(np.float64)
+    cand = ids[i]
+    is_pair = vals >= pair_need[j]
+    if is_pair.any():
+        found.append((cand[is_pair].astype(np.int32), (j[is_pair] + c.start).astype(np.int32),
+                      vals[is_pair].astype(np.float32)))
+    top = vals >= top_need[j]
+    tj, ta = j[top], vals[top]
+    return tj, cand[top], rule.key(ta, n, total[tj]), ta
+
+
+def _wanted(wanted: np.ndarray, n_half: np.ndarray, runs: int) -> np.ndarray:
+    """Positions of the wanted, defined columns of a tile, grouped by n_in (ids ascending within)."""
+    sel = np.flatnonzero(wanted & (n_half > 0) & (n_half < runs))
+    return sel[np.argsort(n_half[sel], kind="stable")]
+
+
+def _half_pairs(a, ids, n_half, rule: _Rule, c, found) -> None:
+    """Pairs of one half that reach the threshold: `a` (cols, len(ids)) holds the half's in-sums of
+    training examples `ids`, grouped by their n_in in this half (`n_half`)."""
+    if rule.threshold is None:
+        return
+    total = rule.total[c]
+    cut = np.flatnonzero(np.diff(n_half)) + 1
+    for lo, hi in zip(np.r_[0, cut], np.r_[cut, len(ids)]):
+        n = int(n_half[lo])
+        need = rule.pair_need(n, total)
+        sub = a[:, lo:hi]
+        j, i = np.nonzero(sub >= need[:, None].astype(sub.dtype) if rule.exact else sub >= need[:, None])
+        if not rule.exact and len(j):
+            ok = rule.key(sub[j, i], n, total[j]) >= rule.threshold
+            j, i = j[ok], i[ok]
+        found.append((ids[lo + i].astype(np.int32), (j + c.start).astype(np.int32)))
+
+
+def _square_sums(mask_columns: MaskColumns, out: Outcomes, ids: np.ndarray, tests: np.ndarray) -> np.ndarray:
+    """sum over in-runs of x^2 for the kept (train id, test) cells of a soft target (one dot product of
+    length `runs` per cell, in chunks): cheaper than a second GEMM over every tile."""
+    ids_b, tests_b = np.broadcast_arrays(ids, tests)
+    flat_i, flat_j = ids_b.ravel(), tests_b.ravel()
+    res = np.zeros(flat_i.shape, np.float32)
+    step = max(1, 2**22 // max(out.runs, 1))
+    for s in range(0, len(flat_i), step):
+        i, j = flat_i[s:s + step], flat_j[s:s + step]
+        m = mask_columns(np.maximum(i, 0))  # (runs, chunk) bool
+        x = out.x[:, j]
+        res[s:s + step] = np.where(m, x * x, 0).sum(axis=0, dtype=np.float32)
+    return res.reshape(ids_b.shape)

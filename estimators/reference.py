@@ -6,6 +6,8 @@ tricks; it is the oracle the fast fold and the tiled influence are tested agains
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 
 Z95 = 1.959963984540054
@@ -83,3 +85,31 @@ def reference_top_k(infl: np.ndarray, k: int) -> list[list[int]]:
         ids.sort(key=lambda i: (-col[i], i))
         out.append(ids[:k])
     return out
+
+
+def exact_influence(masks: np.ndarray, outcomes: np.ndarray) -> list[list[Fraction | None]]:
+    """infl[i][j] of a 0/1 target from the definition, run by run, in exact fractions (None where
+    undefined): the oracle for selections that must not depend on float rounding."""
+    t, n_train = masks.shape
+    out = []
+    for i in range(n_train):
+        row = []
+        for j in range(outcomes.shape[1]):
+            right_in = [bool(outcomes[r, j]) for r in range(t) if masks[r, i]]
+            right_out = [bool(outcomes[r, j]) for r in range(t) if not masks[r, i]]
+            row.append(Fraction(sum(right_in), len(right_in)) - Fraction(sum(right_out), len(right_out))
+                       if right_in and right_out else None)
+        out.append(row)
+    return out
+
+
+def exact_top_k(infl, k: int) -> list[list[int]]:
+    """For every test example, the k largest exact influences, ties by the smaller train id."""
+    return [sorted((i for i in range(len(infl)) if infl[i][j] is not None), key=lambda i: (-infl[i][j], i))[:k]
+            for j in range(len(infl[0]))]
+
+
+def exact_pairs(infl, threshold: Fraction, rows=None) -> set:
+    """(i, j) with infl[i][j] >= threshold (exactly), for the training examples in `rows` if given."""
+    return {(i, j) for i in range(len(infl)) for j in range(len(infl[0]))
+            if infl[i][j] is not None and infl[i][j] >= threshold and (rows is None or rows[i])}

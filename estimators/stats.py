@@ -129,6 +129,15 @@ def fold(stats: Stats, mask: np.ndarray, train: dict[str, np.ndarray], test: dic
     stats.n_in += mask.sum(axis=0)
     m32 = mask.astype(np.float32) if stats.dense else None
     for name, sums in stats.targets.items():
+        if sums.binary:  # counts of bools: no float copies of the block (the driver's per-shard cost)
+            b_tr = np.asarray(train[name], dtype=bool)
+            b_te = np.asarray(test[name], dtype=bool)
+            sums.train += np.count_nonzero(b_tr, axis=0)
+            sums.train_in += np.count_nonzero(b_tr & mask, axis=0)
+            sums.test += np.count_nonzero(b_te, axis=0)
+            if sums.infl_in is not None:
+                _accumulate_gemm(sums.infl_in, m32, b_te.astype(np.float32))
+            continue
         x_tr = np.asarray(train[name], dtype=np.float64)
         x_te = np.asarray(test[name], dtype=np.float64)
         sums.train += x_tr.sum(axis=0)

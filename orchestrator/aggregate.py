@@ -10,14 +10,17 @@ disagree. A run is added at most once: runs already folded or buffered are skipp
 
 from __future__ import annotations
 
+import zipfile
+
 import numpy as np
 
 from estimators import estimates as est
+from estimators import privacy as pv
 from estimators import stats as st
 from workers.shard import ShardData, ShardError, read_shard
 from workers.storage import atomic_path, open_input
 
-from .campaign import Campaign
+from .campaign import Campaign, CampaignError
 
 CHECKPOINT_VERSION = 2
 RUN_FIELDS = ("test_acc", "train_acc_in", "train_acc_out", "train_seconds")
@@ -50,6 +53,9 @@ class Aggregator:
         self.halves = [st.zeros(n, nt, dense=False, soft=self.soft) for _ in range(2)]
         self.test_bits = np.zeros((runs, (nt + 7) // 8), np.uint8)
         self.test_soft = {name: np.zeros((runs, nt), np.float16) for name in self.soft}
+        # privacy risk (estimators/privacy.py): the per-run statistic's sums over the main ratio's runs
+        self.risk_source = pv.choose_statistic(spec.train.store)
+        self.risk = pv.zeros(n)
         self.notes: list[str] = []
         self._pending: list[tuple[int, ShardData]] = []
         # position of each run among the runs of its ratio: its parity picks the split half
@@ -57,6 +63,10 @@ class Aggregator:
         for k in range(len(plan.ratios)):
             group = plan.runs_of_ratio(k)
             self.position[group] = np.arange(len(group))
+        # training-dynamics proxies and out-of-subset predictions (orchestrator/proxies.py)
+        from .proxies import ProxyFold
+
+        self.proxies = ProxyFold(campaign, len(plan.runs_of_ratio(self.primary)))
         if not from_scratch and campaign.paths.checkpoint.exists():
             self._load_checkpoint()
 
@@ -69,8 +79,13 @@ class Aggregator:
 
     def _load_checkpoint(self) -> None:
         path = self.c.paths.checkpoint
-        with open_input(path) as f, np.load(f, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        try:  # a truncated or foreign file is only a lost cache: the shards are the truth
+            with open_input(path) as f, np.load(f, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            self.notes.append(f"ignored {path}: it is unreadable ({type(e).__name__}; truncated or corrupt); "
+                              f"refolding every shard")
+            return
         why = ""
         if int(arrays.get("version", -1)) != CHECKPOINT_VERSION:
             why = "it was written by another version of longtail"
@@ -80,6 +95,10 @@ class Aggregator:
             why = "[estimates] soft changed"
         elif self.mode == "dense" and f"group{self.primary}.target.correct.infl_in" not in arrays:
             why = "dense influence is asked for and the checkpoint has no dense sums"
+        elif "risk.count_in" not in arrays:
+            why = "it has no privacy-risk sums (written before longtail kept them)"
+        else:
+            why = self.proxies.load(arrays)
         if why:
             self.notes.append(f"ignored {path}: {why}; refolding every shard")
             return
@@ -96,6 +115,7 @@ class Aggregator:
         k = len(arrays["folded"])  # the plan may have grown since
         self.groups = [stats(f"group{g}.") for g in range(len(self.c.plan.ratios))]
         self.halves = [stats(f"half{h}.") for h in range(2)]
+        self.risk = pv.ScoreSums.from_arrays(arrays, "risk.")
         self.folded[:k] = arrays["folded"]
         self.test_bits[:k] = arrays["test_bits"]
         for name in self.soft:
@@ -103,11 +123,19 @@ class Aggregator:
         for name in RUN_FIELDS:
             self.run_info[name][:k] = arrays[f"run_{name}"]
         if sum(g.runs for g in self.groups) != int(self.folded.sum()):
-            raise RuntimeError(f"{path}: holds {sum(g.runs for g in self.groups)} runs but marks "
-                               f"{int(self.folded.sum())} as folded; delete it to refold from the shards")
+            raise CampaignError(f"{path}: holds {sum(g.runs for g in self.groups)} runs but marks "
+                                f"{int(self.folded.sum())} as folded, expected equal counts; it is only a cache of "
+                                f"the shards: delete it, then `longtail resume {self.c.paths.root}` refolds them")
 
     def save_checkpoint(self) -> None:
         self.flush()
+        arrays = self.checkpoint_arrays()
+        with atomic_path(self.c.paths.checkpoint) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+    def checkpoint_arrays(self) -> dict[str, np.ndarray]:
+        """What state/fold.npz holds (uncompressed: its size is the sum of these arrays' sizes)."""
         arrays = {"version": np.asarray(CHECKPOINT_VERSION), "spec_hash": np.asarray(self.c.spec.result_hash()),
                   "mode": np.asarray(self.mode), "soft": np.array(self.soft, dtype=str), "folded": self.folded,
                   "test_bits": self.test_bits}
@@ -116,10 +144,10 @@ class Aggregator:
         for h, s in enumerate(self.halves):
             arrays.update({f"half{h}.{k}": v for k, v in s.arrays().items()})
         arrays.update({f"test_soft.{k}": v for k, v in self.test_soft.items()})
+        arrays.update(self.risk.arrays("risk."))
+        arrays.update(self.proxies.arrays())
         arrays.update({f"run_{k}": v for k, v in self.run_info.items()})
-        with atomic_path(self.c.paths.checkpoint) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+        return arrays
 
     # --- folding ----------------------------------------------------------------------------------
 
@@ -132,7 +160,9 @@ class Aggregator:
     def read(self, run: int) -> ShardData:
         """Read and verify run `run`'s shard against this campaign (raises workers.shard.ShardError)."""
         c = self.c
-        data = read_shard(c.paths.shard(run), campaign=c.name, spec_hash=c.spec.result_hash(), run=run,
+        if getattr(self, "_spec_hash", None) is None:  # hashing the spec costs more than verifying a shard
+            self._spec_hash = c.spec.result_hash()
+        data = read_shard(c.paths.shard(run), campaign=c.name, spec_hash=self._spec_hash, run=run,
                           n_train=c.n_train, n_test=c.n_test, mask=c.plan.mask(run))
         missing = sorted(set(self.soft) - set(data.train_values))
         if missing:
@@ -167,6 +197,9 @@ class Aggregator:
         main = [(r, d) for r, d in self._pending if ratio_of[r] == self.primary]
         for h, stats in enumerate(self.halves):
             self._fold(stats, [(r, d) for r, d in main if self.position[r] % 2 == h])
+        self._fold_risk(main)
+        for r, d in main:
+            self.proxies.add(int(self.position[r]), d.mask, d.train_pred, d.dynamics)
         for r, d in self._pending:
             self.test_bits[r] = np.packbits(d.test_correct)
             for name in self.soft:
@@ -175,6 +208,18 @@ class Aggregator:
                 self.run_info[k][r] = d.meta.get(k, np.nan)
             self.folded[r] = True
         self._pending.clear()
+
+    def risk_statistic(self, data: ShardData) -> np.ndarray | None:
+        """The privacy-risk statistic of every training example in one run (None if the shard lacks it)."""
+        return pv.statistic(data.train_values, self.c.labels["train_labels"], self.risk_source)
+
+    def _fold_risk(self, items: list[tuple[int, ShardData]]) -> None:
+        # a run whose statistic is not finite everywhere (float16 logits that overflowed) is left out of the
+        # risk sums rather than poisoning them; audit refuses such a run as a target
+        rows = [(d.mask, x) for _, d in items
+                if (x := self.risk_statistic(d)) is not None and np.isfinite(x).all()]
+        if rows:
+            pv.fold_scores(self.risk, np.stack([m for m, _ in rows]), np.stack([x for _, x in rows]))
 
     # --- what estimates are computed from ---------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from workers.errors import LongtailError
 from workers.datasets import Dataset, dataset_fingerprint, load_dataset
-from workers.storage import arrow_source, atomic_path, atomic_write_text, is_temporary
+from workers.storage import arrow_source, atomic_path, atomic_write_text, is_temporary, open_input, TMP_MARKER
 from workers.worker import preflight
 
 from . import plan as planning
@@ -26,7 +28,7 @@ from . import spec as specs
 from .paths import CampaignPaths
 
 
-class CampaignError(RuntimeError):
+class CampaignError(LongtailError, RuntimeError):
     """A campaign directory that cannot be used as asked; the message says why and what to run."""
 
 
@@ -37,6 +39,11 @@ class SpecMismatchError(CampaignError):
 def write_examples(path: Path, data: Dataset, fingerprint: str) -> None:
     """plan/examples.parquet: split, example, label (and group) of every example, so that estimates
     can be labelled and filtered by class without the dataset."""
+    with atomic_path(path) as tmp:
+        pq.write_table(examples_table(data, fingerprint), tmp, compression="zstd")
+
+
+def examples_table(data: Dataset, fingerprint: str) -> pa.Table:
     n_tr, n_te = data.n_train, data.n_test
     cols = {
         "split": pa.array(["train"] * n_tr + ["test"] * n_te).dictionary_encode(),
@@ -47,15 +54,17 @@ def write_examples(path: Path, data: Dataset, fingerprint: str) -> None:
         cols["group"] = pa.array(np.r_[data.train_groups, data.test_groups].astype(np.int32))
     meta = {"fingerprint": fingerprint, "dataset": data.name, "num_classes": data.num_classes,
             "input_shape": list(data.input_shape), "info": data.info}
-    table = pa.table(cols).replace_schema_metadata({b"longtail": json.dumps(meta).encode()})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+    return pa.table(cols).replace_schema_metadata({b"longtail": json.dumps(meta).encode()})
 
 
 def read_examples(path) -> tuple[dict, dict[str, np.ndarray]]:
     source, filesystem = arrow_source(path)
-    table = pq.read_table(source, filesystem=filesystem)
-    meta = json.loads(table.schema.metadata[b"longtail"])
+    try:
+        table = pq.read_table(source, filesystem=filesystem)
+        meta = json.loads(table.schema.metadata[b"longtail"])
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as e:
+        raise CampaignError(f"{path}: unreadable ({type(e).__name__}), expected the campaign's example table; "
+                            f"delete it and `longtail resume` rebuilds it from the dataset") from None
     split = table.column("split").to_numpy(zero_copy_only=False).astype(str)
     out = {}
     for name in ("train", "test"):
@@ -108,17 +117,22 @@ class Campaign:
         return failed
 
     def failure_reasons(self) -> dict[str, int]:
-        """How many recorded failures share each reason (numbers in it replaced by #, so that "seed 12 is odd"
-        and "seed 31 is odd" count as one)."""
-        counts: dict[str, int] = {}
-        for run in self.failed_runs():
+        """How many recorded failures share each reason. Reasons that differ only in their numbers ("seed 12
+        is odd", "seed 31 is odd") count as one, shown with the numbers of its first run (the values are what
+        the user needs to see) and "(numbers vary; shown: run N)" when they differ."""
+        groups: dict[str, list] = {}
+        for run in sorted(self.failed_runs()):
             try:
                 reason = json.loads(self.paths.failure(run).read_text()).get("reason", "unknown")
-            except (OSError, ValueError):
+            except (OSError, ValueError, AttributeError):
                 reason = "unreadable failure record"
-            key = re.sub(r"\d+(\.\d+)?", "#", reason)[:160]
-            counts[key] = counts.get(key, 0) + 1
-        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+            groups.setdefault(re.sub(r"\d+(\.\d+)?", "#", reason), []).append((run, reason[:160]))
+        shown = {}
+        for g in groups.values():
+            first_run, first = g[0]
+            varies = len({reason for _, reason in g}) > 1
+            shown[f"{first} (numbers vary; shown: run {first_run})" if varies else first] = len(g)
+        return dict(sorted(shown.items(), key=lambda kv: -kv[1]))
 
     def sweep_temporaries(self) -> list:
         """Remove files a crashed writer left behind under temporary names; return what was removed."""
@@ -130,6 +144,18 @@ class Campaign:
                     if (is_temporary(entry.name) or entry.name.startswith(".probe-")) and entry.is_file():
                         entry.unlink(missing_ok=True)
                         removed.append(entry)
+        return removed
+
+    def sweep_run_temporaries(self, runs) -> list:
+        """Remove the temporary shards of `runs` (a worker that died while writing leaves one); call it
+        only when none of them is being written, i.e. before they are dispatched again."""
+        names = {f".{self.paths.shard(r).name}" for r in runs}
+        removed = []
+        if self.paths.runs_dir.exists():
+            for entry in self.paths.runs_dir.iterdir():
+                if is_temporary(entry.name) and entry.name.split(TMP_MARKER)[0] in names and entry.is_file():
+                    entry.unlink(missing_ok=True)
+                    removed.append(entry)
         return removed
 
 
@@ -147,12 +173,129 @@ def _check_spec(frozen: specs.Spec, new: specs.Spec, paths: CampaignPaths) -> No
             f"a campaign can grow but not shrink (its estimates may already include those runs)")
 
 
+RESULTS_RECORD = "results.json"  # in plan/: the result-changing keys the campaign was created with
+
+
+def _results_of(spec: specs.Spec) -> dict:
+    return json.loads(json.dumps(spec.result_keys(), sort_keys=True, default=str))
+
+
+def _write_results_record(paths: CampaignPaths, spec: specs.Spec) -> None:
+    atomic_write_text(paths.plan_dir / RESULTS_RECORD, json.dumps(
+        {"result_hash": spec.result_hash(), "result_keys": _results_of(spec)}, indent=2, sort_keys=True) + "\n")
+
+
+def _check_frozen(frozen: specs.Spec, paths: CampaignPaths) -> None:
+    """Refuse a campaign.toml edited by hand in a key that changes results: its shards and fold were made
+    with the values recorded at creation, and trusting the edit would throw them all away."""
+    record = paths.plan_dir / RESULTS_RECORD
+    if record.exists():
+        try:
+            created = json.loads(record.read_text())["result_keys"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # an unreadable record proves nothing; the shards' own spec hash still guards them
+        now = _results_of(frozen)
+        diffs = [(k, created.get(k), now.get(k)) for k in sorted(set(created) | set(now)) if created.get(k) != now.get(k)]
+    elif paths.checkpoint.exists():  # a campaign made before the record existed: the fold's spec hash
+        try:
+            with open_input(paths.checkpoint) as f, np.load(f, allow_pickle=False) as z:
+                stamped = str(z["spec_hash"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return
+        if stamped == frozen.result_hash():
+            return
+        raise SpecMismatchError(
+            f"{paths.spec} was changed by hand in a key that changes results: its results hash is "
+            f"{frozen.result_hash()}, the fold in {paths.checkpoint} was made with {stamped}. Undo the edit to "
+            f"continue this campaign, or start a new one from the edited spec: longtail run SPEC --out OTHER_DIR")
+    else:
+        return
+    if diffs:
+        keys = "; ".join(f"{k} = {_toml(a)} when the campaign was created, {_toml(b)} now" for k, a, b in diffs)
+        restore = ", ".join(f"{k} = {_toml(a)}" for k, a, _ in diffs)
+        raise SpecMismatchError(
+            f"{paths.spec} was changed by hand in keys that change results ({keys}); its shards were made with "
+            f"the old values (recorded in {record}). To continue the campaign restore {restore} in {paths.spec}; "
+            f"to use the new values start a new campaign from the edited spec: longtail run SPEC --out OTHER_DIR")
+
+
+def _toml(value) -> str:
+    return "(absent)" if value is None else json.dumps(value)
+
+
+def _read_or_rebuild_plan(paths: CampaignPaths, spec: specs.Spec, n_train: int, notes: list[str],
+                          rebuild: bool) -> planning.Plan:
+    """The plan in plan/; where its files are missing (not modified: that is refused), it is a pure function
+    of the frozen spec and is rebuilt by run and resume, never by readers such as status."""
+    missing = [p for p in (paths.plan_info, paths.plan_masks, paths.plan_seeds, paths.plan_ratios) if not p.exists()]
+    if not missing:
+        return planning.read_plan(paths)
+    what = ", ".join(str(p) for p in missing)
+    if not rebuild:
+        raise CampaignError(f"{what}: missing, expected the campaign's plan; it is a function of {paths.spec}: "
+                            f"`longtail resume {paths.root}` rebuilds it")
+    c = spec.campaign
+    plan = planning.make_plan(c.design, c.seed, n_train, c.ratios, c.runs)
+    planning.write_plan(paths, plan)
+    notes.append(f"rebuilt the missing plan files ({what}) from {paths.spec}")
+    return plan
+
+
+def fixed_sizes(spec: specs.Spec, data: Dataset) -> dict[str, int]:
+    """Bytes that plan/examples.parquet and state/fold.npz will take for a campaign of `spec` on `data`
+    (what `validate` reports): the example table is written, and an empty fold of the campaign built,
+    in a temporary directory removed at once, and the empty fold's checkpoint is written to a sink that
+    only counts bytes (it is uncompressed, so an empty one has the size of a full one; np.zeros maps no
+    memory, so this stays cheap for dense influence)."""
+    import io
+    import tempfile
+
+    class Counter(io.RawIOBase):  # seekable, as a file is: zipfile then writes no data descriptors
+        n = pos = 0
+
+        def writable(self):
+            return True
+
+        def seekable(self):
+            return True
+
+        def tell(self):
+            return self.pos
+
+        def seek(self, offset, whence=0):
+            self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else self.n + offset
+            return self.pos
+
+        def write(self, b):
+            self.pos += len(b)
+            self.n = max(self.n, self.pos)
+            return len(b)
+
+    from .aggregate import Aggregator
+
+    c = spec.campaign
+    plan = planning.make_plan(c.design, c.seed, data.n_train, c.ratios, c.runs)
+    labels = {"train_labels": data.y_train, "test_labels": data.y_test}
+    with tempfile.TemporaryDirectory(prefix="longtail-validate-") as tmp:
+        paths = CampaignPaths(tmp)
+        paths.make_dirs()
+        write_examples(paths.examples, data, dataset_fingerprint(data))
+        probe = Campaign(paths, spec, plan, data, labels, "", [])
+        sink = Counter()
+        np.savez(sink, **Aggregator(probe, from_scratch=True).checkpoint_arrays())
+        return {"examples": paths.examples.stat().st_size, "checkpoint": sink.n}
+
+
 def create_or_open(spec: specs.Spec | None, root, load_data: bool = True) -> Campaign:
     """Create the campaign in `root` from `spec`, or reopen it (spec=None: use the frozen one)."""
     paths = CampaignPaths(root)
     notes: list[str] = []
+    if paths.root.exists() and not paths.root.is_dir():
+        raise CampaignError(f"{paths.root} is a file, expected a campaign directory (or a path that does not exist "
+                            f"yet); give another --out directory")
     if paths.spec.exists():
         frozen = specs.loads(paths.spec.read_text(), str(paths.spec))
+        _check_frozen(frozen, paths)
         if spec is None:
             spec = frozen
         else:
@@ -164,12 +307,18 @@ def create_or_open(spec: specs.Spec | None, root, load_data: bool = True) -> Cam
         dataset = load_dataset(spec.dataset.as_dict()) if load_data else None
         if dataset is not None:
             preflight(spec.to_dict(), dataset)
+        if not paths.examples.exists():
+            if dataset is None:
+                raise CampaignError(f"{paths.examples} is missing, expected the campaign's example table; it is a "
+                                    f"function of the dataset: `longtail resume {paths.root}` rebuilds it")
+            write_examples(paths.examples, dataset, dataset_fingerprint(dataset))
+            notes.append(f"rebuilt the missing {paths.examples} from the dataset")
         meta, labels = read_examples(paths.examples)
         if dataset is not None and dataset_fingerprint(dataset) != meta["fingerprint"]:
             raise CampaignError(f"the dataset {spec.dataset.name!r} differs from the one this campaign was "
                                 f"created with (fingerprint {dataset_fingerprint(dataset)} vs {meta['fingerprint']} "
                                 f"in {paths.examples}); its estimates would mix two datasets")
-        plan = planning.read_plan(paths)
+        plan = _read_or_rebuild_plan(paths, frozen, len(labels["train_labels"]), notes, rebuild=dataset is not None)
         c = spec.campaign
         if (plan.design, plan.campaign_seed, plan.ratios) != (c.design, c.seed, c.ratios):
             raise CampaignError(f"the plan in {paths.plan_dir} does not match {paths.spec} (design, seed or subset "
@@ -196,6 +345,7 @@ def create_or_open(spec: specs.Spec | None, root, load_data: bool = True) -> Cam
     paths.make_dirs()
     write_examples(paths.examples, dataset, fingerprint)
     planning.write_plan(paths, plan)
+    _write_results_record(paths, spec)
     atomic_write_text(paths.spec, specs.dumps(spec))  # last: its presence means the campaign is complete
     labels = {"train_labels": dataset.y_train, "test_labels": dataset.y_test}
     if dataset.train_groups is not None:

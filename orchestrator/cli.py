@@ -6,46 +6,68 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 
 import click
 
+from workers.errors import LongtailError
+
 from . import spec as specs
-from .progress import format_bytes
+from .progress import format_bytes, format_seconds
 
 DEMO_SPEC = "demo.toml"
+EXIT_INCOMPLETE = 3  # run/resume/demo ended without error but with runs missing (failed within the budget)
 
 
 def _fail(msg: str, code: int = 2):
-    click.echo(f"error: {msg}", err=True)
-    sys.exit(code)
+    """Refuse with one line: raised, so that the one handler in `Commands.invoke` prints it."""
+    error = LongtailError(msg)
+    error.exit_code = code
+    raise error
 
 
-def _errors():
-    """The exceptions that mean bad input or a refused action, printed without a traceback."""
-    from workers.options import SetupError
-    from workers.storage import StorageError
+def _errors() -> tuple[type[Exception], ...]:
+    """What means bad input or a refused action (kept for modules that catch it themselves)."""
+    return (LongtailError,)
 
-    from .campaign import CampaignError
-    from .lock import LockedError
-    from .plan import PlanError
 
-    return (specs.SpecError, SetupError, PlanError, CampaignError, LockedError, StorageError)
+def report_error(e: LongtailError) -> None:
+    """The one way a user-facing error reaches the terminal: "error: <message>" on stderr, and for a
+    plug-in's fault the plug-in's own traceback under its own header (docs/decisions.md)."""
+    click.echo(f"error: {e}", err=True)
+    tb = getattr(e, "plugin_traceback", "")
+    if tb:
+        click.echo("plug-in traceback (for the plug-in's author; longtail itself did not fail):", err=True)
+        click.echo(tb.rstrip("\n"), err=True)
+
+
+class Commands(click.Group):
+    """Every command runs under this group: a LongtailError anywhere below becomes its one line and its
+    exit code (2; 130 for an interrupted campaign); Ctrl-C elsewhere exits 130 without a traceback.
+    Anything else is a bug in longtail and keeps its traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LongtailError as e:
+            report_error(e)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted (Ctrl-C)", err=True)
+            sys.exit(130)
 
 
 def _load_spec(path: str) -> specs.Spec:
-    try:
-        return specs.load(path)
-    except specs.SpecError as e:
-        _fail(str(e))
+    return specs.load(path)
 
 
 def _default_out(spec: specs.Spec) -> str:
     return str(Path("campaigns") / spec.campaign.name)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="longtail")
 def main():
     """Memorization and influence estimation campaigns (Feldman & Zhang 2020) on Ray.
@@ -66,26 +88,33 @@ def validate(spec_file):
     from .plan import subset_size, validate_design
 
     spec = _load_spec(spec_file)
-    try:
-        data = load_dataset(spec.dataset.as_dict())
-        validate_design(spec.campaign.design, spec.campaign.ratios, data.n_train, spec.campaign.runs,
-                        f"[campaign] in {spec_file}")
-        preflight(spec.to_dict(), data)
-    except _errors() as e:
-        _fail(str(e))
+    data = load_dataset(spec.dataset.as_dict())
+    validate_design(spec.campaign.design, spec.campaign.ratios, data.n_train, spec.campaign.runs,
+                    f"[campaign] in {spec_file}")
+    preflight(spec.to_dict(), data)
     click.echo(specs.dumps(spec))
     t = spec.campaign.runs
     rows = t * (data.n_train + data.n_test)
     shard_bytes = rows * 2.9  # measured 2.6-2.9 bytes per row (docs/performance.md)
-    infl = data.n_train * data.n_test * 4 if spec.estimates.influence in ("dense", "auto") else 0
+    from .campaign import fixed_sizes
+
+    sizes_on_disk = fixed_sizes(spec, data)
+    fold = sizes_on_disk["checkpoint"]
+    dense = spec.estimates.influence == "dense" or (
+        spec.estimates.influence == "auto" and fold > 4 * data.n_train * data.n_test)  # the fold holds dense sums
+    infl = data.n_train * data.n_test * 4 if dense else 0
     click.echo(f"# dataset {spec.dataset.name!r}: {data.n_train} train, {data.n_test} test examples, "
                f"{data.num_classes} classes, inputs {data.input_shape}")
     sizes = ", ".join(f"{subset_size(r, data.n_train)}" for r in spec.campaign.ratios)
     click.echo(f"# work: {t} runs x {data.n_train + data.n_test} examples = {rows:,} predictions; "
                f"each run trains on {'about ' if spec.campaign.design != 'fixed' else ''}{sizes} examples "
                f"({spec.campaign.design} design)")
-    click.echo(f"# disk: about {format_bytes(shard_bytes)} of shards, {format_bytes(t * ((data.n_train + 7) // 8 + 8))} of plan"
-               + (f", {format_bytes(2 * infl)} for dense influence (estimate + checkpoint)" if infl else ""))
+    plan_bytes = t * ((data.n_train + 7) // 8 + 8 + 1)
+    other = sizes_on_disk["examples"] + fold + infl
+    click.echo(f"# disk: about {format_bytes(shard_bytes + plan_bytes + other)}: {format_bytes(shard_bytes)} of shards, "
+               f"{format_bytes(plan_bytes)} of plan, {format_bytes(sizes_on_disk['examples'])} example table, "
+               f"{format_bytes(fold)} fold checkpoint (state/fold.npz)"
+               + (f", {format_bytes(infl)} dense influence estimate" if infl else ""))
     from estimators.estimates import error_bound
 
     main_runs = len(range(spec.campaign.ratios.index(spec.primary_ratio), t, len(spec.campaign.ratios)))
@@ -100,33 +129,37 @@ def spec_reference():
 
 
 def _run(spec: specs.Spec | None, out: str, address: str | None, progress: bool, top: int,
-         dashboard_host: str = "127.0.0.1") -> None:
+         dashboard_host: str = "127.0.0.1", dashboard_port: int = 8265, as_job: bool = True) -> None:
+    from . import embedded
     from .campaign import create_or_open
-    from .driver import CampaignInterrupted, run_campaign
+    from .driver import check_ray_address, run_campaign
 
+    started = time.monotonic()
     _stop_on_sigterm()
-    try:
-        campaign = create_or_open(spec, out)
-        for note in campaign.notes:
-            click.echo(f"longtail: {note}", err=True)
-        report = run_campaign(campaign, address=address, progress=progress, dashboard_host=dashboard_host)
-    except CampaignInterrupted as e:
-        _fail(str(e), 130)
-    except _errors() as e:
-        _fail(str(e))
+    if address:
+        check_ray_address(address)  # before the campaign directory is created
+    campaign = create_or_open(spec, out)
+    for note in campaign.notes:
+        click.echo(f"longtail: {note}", err=True)
+    if as_job and embedded.wanted(address):  # the dashboard shows a job's driver log, with the progress
+        sys.exit(embedded.run_as_job(campaign, progress, top, dashboard_host, dashboard_port,
+                                     lambda msg: click.echo(f"longtail: {msg}", err=True)))
+    report = run_campaign(campaign, address=address, progress=progress, dashboard_host=dashboard_host)
+    report.seconds = time.monotonic() - started  # the command's wall time: dataset, checks and estimates too
     _print_result(campaign.paths, report.summary, top, report)
+    if not report.complete:
+        click.echo(f"longtail: the campaign ended incomplete ({report.summary['runs']['folded']} of "
+                   f"{campaign.plan.runs} runs folded, {len(report.failed)} failed within the failure budget); "
+                   f"exit status {EXIT_INCOMPLETE}. `longtail resume {campaign.paths.root}` retries the missing runs",
+                   err=True)
+        sys.exit(EXIT_INCOMPLETE)
 
 
 def _stop_on_sigterm() -> None:
     """`ray job stop` and `kill` send SIGTERM: save the fold and exit as on Ctrl-C, not abruptly."""
-    import signal
-    import threading
+    from .driver import interrupt_on_sigterm
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
+    interrupt_on_sigterm()
 
 
 def _print_result(paths, summary: dict, top: int, report=None) -> None:
@@ -135,8 +168,9 @@ def _print_result(paths, summary: dict, top: int, report=None) -> None:
         rate = report.trained / report.training_seconds if report.trained and report.training_seconds else 0
         click.echo(f"trained {report.trained} runs in {report.training_seconds:.1f} s"
                    + (f" ({rate:.1f} runs/s)" if rate else "")
-                   + f", {report.seconds:.1f} s in all with start-up and estimates; "
-                   f"{report.already_done} were already done")
+                   + f", {report.seconds:.1f} s in all with start-up and estimates"
+                   + (f" (estimates {report.estimate_seconds:.1f} s)" if report.estimate_seconds else "")
+                   + f"; {report.already_done} were already done")
         if report.failed:
             click.echo(f"{len(report.failed)} runs failed (see {paths.failed_dir}); "
                        f"`longtail resume {paths.root}` retries them")
@@ -146,13 +180,18 @@ def _print_result(paths, summary: dict, top: int, report=None) -> None:
     click.echo(f"estimates in {paths.estimates_dir}/ (memorization.parquet, "
                f"{'influence.npy, high_influence_pairs.parquet, ' if paths.influence.exists() else ''}summary.json)")
     if top:
-        show_top(paths, top)
+        show_top(paths, top, summary)
+
+
+def _number(value, fmt: str) -> str:
+    """A figure, or why there is none (summary.json holds null where too few runs give no value)."""
+    return "n/a (too few runs)" if value is None else format(value, fmt)
 
 
 def _print_figures(summary: dict) -> None:
     """The paper's figures from summary.json, when the campaign has them."""
     mem = summary.get("memorization") or {}
-    if mem.get("share_at_least"):
+    if mem.get("share_at_least") and mem.get("mean") is not None:  # None before any run is folded
         shares = ", ".join(f">= {t}: {v:.1%}" for t, v in mem["share_at_least"].items() if v is not None)
         click.echo(f"  memorization: mean {mem['mean']:.3f}; share of training examples {shares}")
     pairs = summary.get("high_influence_pairs")
@@ -162,11 +201,10 @@ def _print_figures(summary: dict) -> None:
                    f"{pairs['test_examples_with_one_influencer']} with a single influencer")
     half = summary.get("split_half")
     if half:
-        corr = half.get("memorization_correlation")
         click.echo(f"  split halves ({half['runs'][0]} + {half['runs'][1]} runs): memorization correlation "
-                   f"{corr if corr is None else f'{corr:.3f}'}, memorized-set Jaccard (>= 0.25) "
-                   f"{half.get('memorized_jaccard_0.25', float('nan')):.2f}"
-                   + (f", pairs Jaccard {half['pairs_jaccard']:.2f}" if "pairs_jaccard" in half else ""))
+                   f"{_number(half.get('memorization_correlation'), '.3f')}, memorized-set Jaccard (>= 0.25) "
+                   f"{_number(half.get('memorized_jaccard_0.25'), '.2f')}"
+                   + (f", pairs Jaccard {_number(half['pairs_jaccard'], '.2f')}" if "pairs_jaccard" in half else ""))
     bound = summary.get("error_bound_rms")
     if bound is not None:
         main_runs = next((g["runs"] for g in summary.get("ratios", []) if g["subset_ratio"] == summary["subset_ratio"]),
@@ -175,19 +213,29 @@ def _print_figures(summary: dict) -> None:
                    f"{bound:.3f}")
 
 
-def show_top(paths, k: int) -> None:
+def show_top(paths, k: int, summary: dict | None = None) -> None:
     import pyarrow.parquet as pq
 
     from workers.storage import arrow_source
 
+    from . import proxies
+
     source, filesystem = arrow_source(paths.memorization)
     t = pq.read_table(source, filesystem=filesystem).to_pandas()
     t = t[t["mem"].notna()].sort_values(["mem", "example"], ascending=[False, True]).head(k)
-    click.echo(f"\nthe {k} most memorized training examples (estimate ± standard error):")
-    click.echo(f"{'example':>8} {'label':>5}  {'memorization':>15}  {'in-acc':>6} {'out-acc':>7} {'runs in/out':>12}")
+    triage = proxies.read_triage(paths)  # None for estimates written before triage existed
+    click.echo(f"\nthe {k} most memorized training examples (estimate ± standard error"
+               + ("; triage by the out-of-subset predictions: mode class and its share" if triage is not None else "")
+               + "):")
+    click.echo(f"{'example':>8} {'label':>5}  {'memorization':>15}  {'in-acc':>6} {'out-acc':>7} {'runs in/out':>12}"
+               + ("  triage" if triage is not None else ""))
     for row in t.itertuples():
         click.echo(f"{row.example:>8} {row.label:>5}  {row.mem:>7.3f} ± {row.se:.3f}  {row.acc_in:>6.3f} "
-                   f"{row.acc_out:>7.3f} {f'{row.n_in}/{row.n_out}':>12}")
+                   f"{row.acc_out:>7.3f} {f'{row.n_in}/{row.n_out}':>12}"
+                   + (f"  {proxies.describe(triage, row.example)}" if triage is not None else ""))
+    line = proxies.one_line(summary or {})
+    if line:
+        click.echo(line)
 
 
 @main.command()
@@ -202,7 +250,11 @@ def show_top(paths, k: int) -> None:
 @click.option("--dashboard-host", default="127.0.0.1", show_default=True,
               help="interface the embedded cluster's dashboard listens on; anything but loopback exposes it "
                    "to the network, protected only by Ray's token")
-def run(spec_file, out, address, progress, top, dashboard_host):
+@click.option("--dashboard-port", default=8265, show_default=True, help="port of the embedded cluster's dashboard")
+@click.option("--in-process", is_flag=True,
+              help="drive the embedded campaign from this process instead of as a Ray job (the dashboard then "
+                   "shows no driver log, so no progress)")
+def run(spec_file, out, address, progress, top, dashboard_host, dashboard_port, in_process):
     """Run the campaign SPEC_FILE describes; continue it if it already exists.
 
     Starts an embedded local Ray (dashboard on 127.0.0.1) unless --address is given (or the
@@ -210,7 +262,8 @@ def run(spec_file, out, address, progress, top, dashboard_host):
     while the campaign runs.
     """
     spec = _load_spec(spec_file)
-    _run(spec, out or _default_out(spec), address, progress, top, dashboard_host)
+    _run(spec, out or _default_out(spec), address, progress, top, dashboard_host,
+         dashboard_port=dashboard_port, as_job=not in_process)
 
 
 @main.command()
@@ -238,26 +291,42 @@ def status(target, address, as_json):
     from .lock import DriverLock
 
     campaign_dir = target
-    try:
-        c = create_or_open(None, campaign_dir, load_data=False)
-    except _errors() as e:
-        _fail(str(e))
+    c = create_or_open(None, campaign_dir, load_data=False)
     finished = c.finished_runs()
     failed = c.failed_runs() - finished
-    summary = json.loads(c.paths.summary.read_text()) if c.paths.summary.exists() else {}
-    holder = DriverLock(c.paths.lock).holder() if c.paths.lock.exists() else None
+    try:
+        summary = json.loads(c.paths.summary.read_text()) if c.paths.summary.exists() else {}
+    except ValueError:
+        summary = {}  # rewritten at the next checkpoint; the counts below come from the directory itself
+    lock = DriverLock(c.paths.lock)
+    holder = lock.holder() if c.paths.lock.exists() else None
+    dead = lock.stale_reason(holder) if holder else ""
+    running = holder if holder and not dead else None
+    pace = _pace(c, finished, running) if running else None
+    state = ("complete" if summary.get("complete") and len(finished) >= c.plan.runs or summary.get("stopped_early")
+             else "running" if running else "incomplete")
     info = {"campaign": c.name, "directory": str(c.paths.root), "runs_planned": c.plan.runs,
             "runs_finished": len(finished), "runs_failed": len(failed), "failure_reasons": c.failure_reasons(),
-            "runs_folded": summary.get("runs", {}).get("folded", 0), "complete": summary.get("complete", False),
-            "target_se": summary.get("target_se"), "stopped_early": summary.get("stopped_early"), "driver": holder}
+            "runs_folded": summary.get("runs", {}).get("folded", 0), "complete": state == "complete",
+            "state": state, "target_se": summary.get("target_se"), "stopped_early": summary.get("stopped_early"),
+            "driver": running, "stale_lock": {"holder": holder, "why": dead} if dead else None, "pace": pace}
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    click.echo(f"campaign {c.name!r} in {c.paths.root}")
+    click.echo(f"campaign {c.name!r} in {c.paths.root}: {state}")
     click.echo(f"  runs: {len(finished)}/{c.plan.runs} finished, {info['runs_folded']} folded into estimates, "
                f"{len(failed)} failed")
-    click.echo("  driver: " + (f"pid {holder['pid']} on {holder['host']} since {holder['started']}" if holder
-                               else "none running"))
+    if running:
+        click.echo(f"  driver: pid {holder['pid']} on {holder['host']} since {holder['started']}")
+    elif dead:
+        click.echo(f"  driver: none running (the lock names pid {holder.get('pid')} on {holder.get('host')}, but "
+                   f"{dead}; run or resume takes the lock over)")
+    else:
+        click.echo("  driver: none running")
+    if pace:
+        eta = f", about {format_seconds(pace['eta_seconds'])} left" if pace["eta_seconds"] is not None else ""
+        click.echo(f"  pace: {pace['runs_per_second']:.3g} runs/s over {pace['runs']} runs since the driver "
+                   f"started{eta}")
     target = summary.get("target_se")
     if target and target.get("share") is not None:
         click.echo(f"  adaptive stopping: {target['share']:.1%} of the memorization estimates have a standard error "
@@ -269,18 +338,35 @@ def status(target, address, as_json):
         click.echo(f"  failures: {reasons} (details in {c.paths.failed_dir}/; `longtail resume {c.paths.root}` "
                    f"retries them)")
     _print_figures(summary)
-    if len(finished) < c.plan.runs and not holder:
+    if state == "incomplete":
         click.echo(f"  continue with: longtail resume {c.paths.root}")
+
+
+def _pace(c, finished: set[int], holder: dict) -> dict | None:
+    """Runs per second since the running driver started (from the shards' modification times) and the time
+    left at that pace; None when its start cannot be read."""
+    try:
+        started = time.mktime(time.strptime(holder["started"][:19], "%Y-%m-%dT%H:%M:%S"))
+    except (KeyError, TypeError, ValueError):
+        return None
+    recent = 0
+    for r in finished:
+        try:
+            recent += c.paths.shard(r).stat().st_mtime >= started
+        except OSError:
+            continue
+    elapsed = max(time.time() - started, 1e-9)
+    rate = recent / elapsed
+    left = c.plan.runs - len(finished)
+    return {"runs": recent, "seconds": round(elapsed, 1), "runs_per_second": rate,
+            "eta_seconds": left / rate if rate > 0 else None}
 
 
 def _job_status(submission_id: str, address: str, as_json: bool) -> None:
     from . import jobs
 
-    try:
-        info = jobs.info(address, submission_id)
-        progress = jobs.last_progress(jobs.logs(address, submission_id))
-    except jobs.JobError as e:
-        _fail(str(e))
+    info = jobs.info(address, submission_id)
+    progress = jobs.last_progress(jobs.logs(address, submission_id))
     status = str(info.status.value) if hasattr(info.status, "value") else str(info.status)
     meta = info.metadata or {}
     out = {"submission_id": submission_id, "status": status, "message": info.message,
@@ -316,12 +402,12 @@ def submit(spec_file, address, out, modules):
 
     spec = _load_spec(spec_file)
     out = out or f"~/longtail-campaigns/{spec.campaign.name}"
-    try:
-        submission_id = jobs.submit(spec, address, out, list(modules))
-    except jobs.JobError as e:
-        _fail(str(e))
+    submission_id = jobs.submit(spec, address, out, list(modules))
     click.echo(f"submitted campaign {spec.campaign.name!r} as job {submission_id}")
     click.echo(f"campaign directory on the cluster: {out}")
+    from .dashboard import url_line
+
+    click.echo(f"{url_line(address.rstrip('/'))}: Jobs > {submission_id} shows the driver log with the progress")
     click.echo("next:")
     for cmd in (f"longtail status {submission_id} --address {address}",
                 f"longtail logs {submission_id} --address {address} --follow",
@@ -337,14 +423,11 @@ def logs(submission_id, address, follow):
     """Print the driver log of a submitted campaign."""
     from . import jobs
 
-    try:
-        if follow:
-            for chunk in jobs.follow(address, submission_id):
-                click.echo(chunk, nl=False)
-        else:
-            click.echo(jobs.logs(address, submission_id), nl=False)
-    except jobs.JobError as e:
-        _fail(str(e))
+    if follow:
+        for chunk in jobs.follow(address, submission_id):
+            click.echo(chunk, nl=False)
+    else:
+        click.echo(jobs.logs(address, submission_id), nl=False)
 
 
 @main.command()
@@ -354,34 +437,52 @@ def stop(submission_id, address):
     """Stop a submitted campaign. Finished runs are kept; submit the spec again to resume it."""
     from . import jobs
 
-    try:
-        final = jobs.stop(address, submission_id)
-    except jobs.JobError as e:
-        _fail(str(e))
+    final = jobs.stop(address, submission_id)
     click.echo(f"job {submission_id}: {final}")
     if final not in jobs.TERMINAL:
         _fail(f"the job did not stop within 60 s; check `longtail status {submission_id} --address {address}`", 1)
 
 
+def _fold_pool(address: str, root, actors: int):
+    """Fold actors on the cluster at `address` (orchestrator/foldpool.py)."""
+    from .driver import _ray_init
+    from .foldpool import FoldPool
+
+    ray, _, _ = _ray_init(address)
+    return FoldPool(ray, root, actors)
+
+
 @main.command()
 @click.argument("campaign_dir")
 @click.option("--top", default=10, show_default=True)
-def estimate(campaign_dir, top):
-    """Recompute estimates/ of CAMPAIGN_DIR from its shards alone (no Ray, no dataset, no checkpoint)."""
+@click.option("--address", default=None, help="with --fold-actors: the Ray cluster (e.g. 10.0.0.10:6379) whose "
+              "nodes read and verify the shards; they must see CAMPAIGN_DIR")
+@click.option("--fold-actors", type=click.IntRange(min=0), default=0, show_default=True,
+              help="read and verify the shards with this many actors of the cluster at --address "
+                   "(orchestrator/foldpool.py); 0: in this process")
+def estimate(campaign_dir, top, address, fold_actors):
+    """Recompute estimates/ of CAMPAIGN_DIR from its shards alone (no dataset, no checkpoint; no Ray
+    unless --fold-actors spreads the reading over a cluster)."""
     from .aggregate import Aggregator
     from .campaign import create_or_open
     from .driver import RunReport, fold_existing
     from .outputs import write_estimates
 
-    try:
-        c = create_or_open(None, campaign_dir, load_data=False)
-        agg = Aggregator(c, from_scratch=True)
-        report = RunReport(planned=c.plan.runs, already_done=0)
-        fold_existing(c, agg, report)
-        summary = write_estimates(agg, complete=bool(agg.folded.all()))
-    except _errors() as e:
-        _fail(str(e))
+    if fold_actors and not address:
+        _fail("--fold-actors needs the cluster's --address (e.g. --address 10.0.0.10:6379); without a "
+              "cluster, leave --fold-actors out and this process reads the shards", 2)
+    c = create_or_open(None, campaign_dir, load_data=False)
+    agg = Aggregator(c, from_scratch=True)
+    report = RunReport(planned=c.plan.runs, already_done=0)
+    pool = _fold_pool(address, c.paths.root, fold_actors) if fold_actors else None
+    fold_existing(c, agg, report, reject=False, pool=pool)  # a recompute reads the campaign and moves nothing
+    agg.flush()  # the buffered shards count towards completeness
+    summary = write_estimates(agg, complete=bool(agg.folded.all()))
     _print_result(c.paths, summary, top)
+    if report.rejected:
+        click.echo(f"warning: {len(report.rejected)} shards could not be read and were left out (runs "
+                   f"{', '.join(map(str, report.rejected[:10]))}{' ...' if len(report.rejected) > 10 else ''}); "
+                   f"`longtail resume {c.paths.root}` sets them aside and trains those runs again", err=True)
 
 
 @main.command()
@@ -396,16 +497,13 @@ def export(campaign_dir, fmt, dest):
     from .campaign import create_or_open
     from .outputs import export_fz, export_parquet
 
-    try:
-        c = create_or_open(None, campaign_dir, load_data=False)
-        agg = Aggregator(c)
-        if agg.stats.runs == 0:
-            _fail(f"{c.paths.root} has no folded runs yet; run or resume the campaign first")
-        if dest is None and "://" in campaign_dir:
-            _fail("exports are written to a local directory: give --dest for a campaign on an object store")
-        files = (export_fz if fmt == "fz" else export_parquet)(agg, Path(dest) if dest else c.paths.root / "export")
-    except _errors() as e:
-        _fail(str(e))
+    c = create_or_open(None, campaign_dir, load_data=False)
+    agg = Aggregator(c)
+    if agg.stats.runs == 0:
+        _fail(f"{c.paths.root} has no folded runs yet; run or resume the campaign first")
+    if dest is None and "://" in campaign_dir:
+        _fail("exports are written to a local directory: give --dest for a campaign on an object store")
+    files = (export_fz if fmt == "fz" else export_parquet)(agg, Path(dest) if dest else c.paths.root / "export")
     click.echo(f"exported {agg.stats.runs} runs of {c.name!r}:")
     for f in files:
         click.echo(f"  {f}")
@@ -427,13 +525,49 @@ def demo(out, runs, progress):
     _run(spec, out, None, progress, 10)
 
 
+@main.command("proxies")
+@click.argument("campaign_dir")
+@click.option("--json", "as_json", is_flag=True, help="print the rows as JSON")
+def proxies_command(campaign_dir, as_json):
+    """Print how well training-dynamics proxies (cumulative loss, learning time, forgetting events) agree
+    with the memorization of CAMPAIGN_DIR, from estimates/proxy_agreement.parquet, per number of runs."""
+    from . import proxies
+    from .campaign import create_or_open
+
+    try:
+        c = create_or_open(None, campaign_dir, load_data=False)
+        rows = proxies.read_agreement(c.paths)
+    except _errors() as e:
+        _fail(str(e))
+    if rows is None:
+        _fail(f"{c.paths.estimates_dir} has no proxy_agreement.parquet: {proxies.NO_DYNAMICS}; if the shards "
+              f"have dynamics, `longtail estimate {campaign_dir}` writes it")
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"agreement of each proxy (averaged over the first RUNS runs) with memorization, 95% bootstrap CI:")
+    for line in proxies.format_table(rows):
+        click.echo(line)
+
+
 # commands defined beside what they compute
 from .followup import utility_command  # noqa: E402
 from .pilot import plan_command  # noqa: E402
 from .report import report_command  # noqa: E402
 from .tune import tune_command  # noqa: E402
+from .monitor import monitor_command  # noqa: E402
+
+main.add_command(monitor_command)
 
 for command in (report_command, utility_command, plan_command, tune_command):
+    main.add_command(command)
+
+# privacy risk, comparison of campaigns, self-test (docs/audit.md, docs/compare-and-selftest.md)
+from .audit import audit_command  # noqa: E402
+from .compare import compare_command  # noqa: E402
+from .selftest import selftest_command  # noqa: E402
+
+for command in (audit_command, compare_command, selftest_command):
     main.add_command(command)
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from workers.errors import LongtailError
 from workers.shard import ShardError
 from workers.storage import atomic_write_bytes, atomic_write_text, makedirs, move
 
@@ -27,14 +28,17 @@ from .aggregate import Aggregator
 from .campaign import Campaign, CampaignError
 from .lock import DriverLock
 from .outputs import write_estimates
+from .dashboard import TASK_BAR_NOTE, url_line
 from .progress import Progress
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-class CampaignInterrupted(RuntimeError):
-    pass
+class CampaignInterrupted(LongtailError):
+    """Ctrl-C or SIGTERM: the fold is saved; the message says how to continue."""
+
+    exit_code = 130
 
 
 @dataclass
@@ -48,6 +52,7 @@ class RunReport:
     rejected: list[int] = field(default_factory=list)
     seconds: float = 0.0  # the whole call, Ray start-up included
     training_seconds: float = 0.0  # from the first dispatch to the last result
+    estimate_seconds: float = 0.0  # the final write of estimates/ (influence, pairs, split halves)
     summary: dict = field(default_factory=dict)
     dashboard_url: str | None = None
     stopped_early: bool = False
@@ -81,28 +86,143 @@ def reject_shard(campaign: Campaign, run: int, why: str) -> None:
     _say(f"rejected the shard of run {run}: {why}; moved to {target}, the run will be trained again")
 
 
-def fold_existing(campaign: Campaign, agg: Aggregator, report: RunReport) -> set[int]:
-    """Fold finished shards the checkpoint does not contain; reject bad ones. Returns the runs done."""
+def fold_existing(campaign: Campaign, agg: Aggregator, report: RunReport,
+                  gate: "AccuracyGate | None" = None, reject: bool = True, pool=None) -> set[int]:
+    """Fold finished shards the checkpoint does not contain (through the driver's accuracy gate, as if
+    they had just arrived; without one, all of them); reject unreadable ones (reject=False, for a
+    read-only recompute: leave them in place, say so, list them in report.rejected). Returns the runs
+    done (those the gate still holds included). With a `pool` (orchestrator/foldpool.py), fold actors on
+    the cluster read and verify the shards; the fold stays here."""
     done = campaign.finished_runs()
-    for r in sorted(done - agg.folded_runs()):
-        try:
-            agg.add(r, agg.read(r))
-        except ShardError as e:
-            reject_shard(campaign, r, str(e))
+    todo = sorted(done - agg.folded_runs())
+    for r, data, error in (pool.read(todo) if pool is not None else (_read(agg, r) for r in todo)):
+        if data is None:  # the shard failed verification
+            if reject:
+                reject_shard(campaign, r, error)
+            else:
+                _say(f"left out the shard of run {r}: {error}")
             report.rejected.append(r)
             done.discard(r)
+            continue
+        if gate is None:
+            agg.add(r, data)
+        else:
+            done -= gate.offer(r, data, report)
     return done
+
+
+def _read(agg: Aggregator, run: int) -> tuple[int, object, str]:
+    try:
+        return run, agg.read(run), ""
+    except ShardError as e:
+        return run, None, str(e)
+
+
+def damaged_folded(campaign: Campaign, agg: Aggregator) -> list[tuple[int, str]]:
+    """Runs the checkpoint holds whose shard is gone or fails a cheap check (its Parquet footer and row
+    count): the fold counts them, but the campaign can no longer show them. Resume relies on these
+    shards, so it checks them first (one footer read each: milliseconds)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from workers.storage import arrow_source
+
+    rows = campaign.n_train + campaign.n_test
+    bad = []
+    for r in sorted(agg.folded_runs()):
+        path = campaign.paths.shard(r)
+        if not path.exists():
+            bad.append((r, f"{path}: missing"))
+            continue
+        source, filesystem = arrow_source(path)
+        try:
+            found = pq.read_metadata(source, filesystem=filesystem).num_rows
+        except (OSError, pa.ArrowException) as e:
+            bad.append((r, f"{path}: unreadable Parquet footer ({e}); the file is truncated or corrupt"))
+            continue
+        if found != rows:
+            bad.append((r, f"{path}: {found} rows, expected {rows}"))
+    return bad
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, before anything is written, when nothing listens at a Ray address (ray.init
+    would wait for good). "auto" and other forms without host:port are left to Ray."""
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise CampaignError(
+            f"nothing answers at the Ray address {address} ({e.strerror or e}), expected a Ray head's port (6379 "
+            f"for `ray start --head`, 10001 for ray://); nothing was written. Check the address (`ray status "
+            f"--address {address}` on the head), or leave out --address to run on an embedded local Ray") from None
+
+
+def warn_if_exposed(dashboard_host: str, say=_say) -> None:
+    if dashboard_host not in LOOPBACK:
+        say("WARNING " + "!" * 60)
+        say(f"WARNING: the Ray dashboard and job API will listen on {dashboard_host}, reachable from the "
+            f"network, and protected by nothing but Ray's token (~/.ray/auth_token). Anyone with the token "
+            f"can run code on this machine. Prefer the default 127.0.0.1 and an SSH tunnel.")
+        say("WARNING " + "!" * 60)
+
+
+def quiet_token_auth() -> None:
+    """Token authentication for a cluster longtail starts itself, as Ray's own default, without Ray's
+    warning on every command (which also suggests RAY_AUTH_MODE=disabled, never wanted here). Ray reads
+    the mode when it is first imported, so this does what Ray's default does: sets it and refreshes Ray's
+    config. An explicit RAY_AUTH_MODE is respected (Ray warns about none then either)."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+    _enable_token_auth()
+
+
+_SIGTERM_INTERRUPTS = False  # set by the CLI: SIGTERM ends a campaign as Ctrl-C does
+
+
+def interrupt_on_sigterm() -> None:
+    """`ray job stop` and `kill` send SIGTERM: make it a KeyboardInterrupt, so that the fold is saved and the
+    command exits 130 as on Ctrl-C. ray.init() installs a handler of its own (a bare exit, with Ray's
+    stack dump in the job log), so ray_init installs this one again after it."""
+    import signal
+    import threading
+
+    global _SIGTERM_INTERRUPTS
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+        _SIGTERM_INTERRUPTS = True
+
+
 def ray_init(address: str | None, local_cpus: int = 0, dashboard_host: str = "127.0.0.1"):
+    ray, started, url = _ray_init(address, local_cpus, dashboard_host)
+    if started and _SIGTERM_INTERRUPTS:
+        interrupt_on_sigterm()
+    if url and "://" not in url:  # Ray reports host:port; a terminal makes a link only of a URL
+        url = f"http://{url}"
+    return ray, started, url
+
+
+def _ray_init(address: str | None, local_cpus: int = 0, dashboard_host: str = "127.0.0.1"):
     """Join the cluster at `address` (or a Ray job's), or start the embedded one; returns (ray, whether
     this call started it, the dashboard URL)."""
     if address:
         from .jobs import send_token_if_available
 
+        check_ray_address(address)
         send_token_if_available()
     import ray
 
@@ -122,12 +242,8 @@ def ray_init(address: str | None, local_cpus: int = 0, dashboard_host: str = "12
     else:
         cpus = local_cpus or None
         # The embedded cluster binds the dashboard to loopback: it is protected by nothing but Ray's token.
-        if dashboard_host not in LOOPBACK:
-            _say("WARNING " + "!" * 60)
-            _say(f"WARNING: the Ray dashboard and job API will listen on {dashboard_host}, reachable from the "
-                 f"network, and protected by nothing but Ray's token (~/.ray/auth_token). Anyone with the token "
-                 f"can run code on this machine. Prefer the default 127.0.0.1 and an SSH tunnel.")
-            _say("WARNING " + "!" * 60)
+        warn_if_exposed(dashboard_host)
+        quiet_token_auth()  # longtail manages the token of the cluster it starts (docs/cluster.md)
         ctx = ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host=dashboard_host,
                        log_to_driver=False, logging_level="WARNING", runtime_env=runtime_env)
     url = getattr(ctx, "dashboard_url", None)
@@ -147,22 +263,44 @@ def run_campaign(campaign: Campaign, address: str | None = None, progress: bool 
         agg = Aggregator(campaign)
         for note in agg.notes:
             _say(note)
+        damaged = damaged_folded(campaign, agg)
+        for r, why in damaged:  # the fold holds them but their shards are no longer evidence: redo them
+            if campaign.paths.shard(r).exists():
+                reject_shard(campaign, r, why)
+            else:
+                _say(f"the shard of folded run {r} is missing ({why}); the run will be trained again")
+        if damaged:
+            _say(f"refolding every shard: the checkpoint holds {len(damaged)} runs whose shard is damaged or gone")
+            agg = Aggregator(campaign, from_scratch=True)
         report = RunReport(planned=campaign.plan.runs, already_done=0)
-        done = fold_existing(campaign, agg, report)
+        gate = AccuracyGate(campaign, agg)
+        done = fold_existing(campaign, agg, report, gate)
         report.already_done = len(done)
         todo = [r for r in range(campaign.plan.runs) if r not in done]
         if todo and _target_reached(campaign, agg, report):
             todo = []
         try:
             if todo:
-                _dispatch(campaign, agg, todo, done, report, address, progress, lock, dashboard_host)
+                try:
+                    _dispatch(campaign, agg, todo, done, report, address, progress, lock, dashboard_host, gate)
+                except BaseException:
+                    # stopped (full disk, failure budget, Ctrl-C): the pool's workers are dead by now, so a
+                    # temporary shard of an unfinished run is one a worker left mid-write; nothing outlives it
+                    campaign.sweep_run_temporaries([r for r in todo if r not in done])
+                    raise
         except KeyboardInterrupt:
             agg.save_checkpoint()
             write_estimates(agg, complete=False, final=False)
             raise CampaignInterrupted(
-                f"interrupted; {int(agg.folded.sum())} of {campaign.plan.runs} runs are folded and saved. "
+                f"interrupted; {int(agg.folded.sum())} of {campaign.plan.runs} runs are folded and saved"
+                + (f" ({len(gate.held)} more are on disk, waiting for the accuracy check)" if gate.held else "")
+                + ". "
                 f"Continue with: longtail resume {campaign.paths.root}") from None
+        gate.release_all()  # fewer than MIN_RUNS runs in all: no median to judge them by
         agg.save_checkpoint()
+        # No worker is left; a temporary shard now is one a worker died writing (its run was redone).
+        for p in campaign.sweep_run_temporaries(range(campaign.plan.runs)):
+            _say(f"removed a temporary file left by a worker that died while writing it: {p}")
         for r in agg.folded_runs() & campaign.failed_runs():
             campaign.paths.failure(r).unlink(missing_ok=True)  # a failure later redone successfully
         report.failed = sorted(campaign.failed_runs())
@@ -172,7 +310,10 @@ def run_campaign(campaign: Campaign, address: str | None = None, progress: bool 
                  "retried_runs": report.retried}
         if report.stopped_early:
             extra["stopped_early"] = report.stop_reason
+        estimates_start = time.monotonic()
         report.summary = write_estimates(agg, complete=complete, final=True, extra=extra)
+        report.estimate_seconds = time.monotonic() - estimates_start
+        report.seconds = time.monotonic() - start  # the caller may widen it to the whole command
     return report
 
 
@@ -190,7 +331,8 @@ def _target_reached(campaign: Campaign, agg: Aggregator, report: RunReport) -> b
 
 
 def _dispatch(campaign: Campaign, agg: Aggregator, todo: list[int], done: set[int], report: RunReport,
-              address: str | None, show_progress: bool, lock: DriverLock, dashboard_host: str) -> None:
+              address: str | None, show_progress: bool, lock: DriverLock, dashboard_host: str,
+              gate: "AccuracyGate") -> None:
     from .metrics import CampaignMetrics
     from .pool import WorkerPool, runs_per_call
 
@@ -209,8 +351,10 @@ def _dispatch(campaign: Campaign, agg: Aggregator, todo: list[int], done: set[in
         pool.wait_ready()
         _say(f"campaign {campaign.name!r}: {len(todo)} runs to train on {len(pool.live())} workers "
              f"({len(done)} of {plan.runs} already done)"
-             + (f"; Ray dashboard at {report.dashboard_url}" if report.dashboard_url else ""))
-        bar = Progress(total=plan.runs, done=len(done), enabled=show_progress)
+             + (f"; {url_line(report.dashboard_url)}" if report.dashboard_url else ""))
+        if os.environ.get("RAY_ADDRESS") and not address:
+            _say(f"note: {TASK_BAR_NOTE}")  # a job's driver: this goes to the log its job page shows
+        bar = Progress(total=plan.runs, done=len(done), enabled=show_progress, campaign=campaign.name)
         metrics = CampaignMetrics(campaign.name)
         share = None
         last_checkpoint = last_resize = first_dispatch = time.monotonic()
@@ -227,12 +371,15 @@ def _dispatch(campaign: Campaign, agg: Aggregator, todo: list[int], done: set[in
                                 break
                             slot.isolated = True
                             group = [queue.popleft()]
+                            # its dead worker may have left a temporary shard: nobody writes it any more
+                            for p in campaign.sweep_run_temporaries(group):
+                                _say(f"removed the temporary shard of run {group[0]} that its dead worker left: {p}")
                         else:
                             group = []
                             while queue and len(group) < pack and queue[0] not in attempts:
                                 group.append(queue.popleft())
-                        # one task name per kind, so that the dashboard and `ray summary tasks` group them
-                        ref = slot.actor.run_many.options(name=f"longtail:{campaign.name}:runs").remote(
+                        # the dashboard's task table then says which runs each call trains
+                        ref = slot.actor.run_many.options(name=task_name(campaign.name, group)).remote(
                             [(r, plan.masks[r], int(plan.seeds[r]), str(paths.shard(r))) for r in group])
                         in_flight[ref] = (group, slot)
                         slot.load += 1
@@ -243,14 +390,17 @@ def _dispatch(campaign: Campaign, agg: Aggregator, todo: list[int], done: set[in
                     group, slot = in_flight.pop(ref)
                     slot.load -= 1
                     slot.isolated = False
-                    for r, outcome in zip(group, _collect(ray, ref, group, campaign, agg, report)):
+                    for r, outcome in zip(group, _collect(ray, ref, group, campaign, agg, report, gate)):
                         if outcome == "folded":
                             done.add(r)
+                        elif isinstance(outcome, set):  # judged later: the runs the gate refused now
+                            done.add(r)
+                            done -= outcome
                         elif outcome == "worker died":
                             _worker_died(pool, slot, r, attempts, queue, campaign, report)
                 _check_failure_budget(campaign, report)
                 running = sum(len(g) for g, _ in in_flight.values())
-                bar.update(len(done), len(report.failed_now), running)
+                bar.update(len(done), len(report.failed_now), running, retried=report.retried)
                 metrics.update(report.trained, len(report.failed_now), report.retried, running, bar.rate(),
                                len(done) / plan.runs, share)
                 now = time.monotonic()
@@ -278,6 +428,16 @@ def _dispatch(campaign: Campaign, agg: Aggregator, todo: list[int], done: set[in
 
 
 RESIZE_SECONDS = 2.0
+
+
+def task_name(campaign: str, runs: list[int]) -> str:
+    """`longtail:<campaign>:runs 32-47` (or `run 5`, or `runs 3,9,12`): one call's runs, as the
+    dashboard's task table and `ray list tasks` show them."""
+    if len(runs) == 1:
+        return f"longtail:{campaign}:run {runs[0]}"
+    if runs == list(range(runs[0], runs[0] + len(runs))):
+        return f"longtail:{campaign}:runs {runs[0]}-{runs[-1]}"
+    return f"longtail:{campaign}:runs " + ",".join(map(str, runs))
 
 
 def _worker_died(pool, slot, run: int, attempts: dict, queue: deque, campaign: Campaign, report: RunReport):
@@ -320,7 +480,8 @@ def _first_reason(campaign: Campaign, runs: list[int]) -> str:
         return "unknown"
 
 
-def _collect(ray, ref, runs: list[int], campaign: Campaign, agg: Aggregator, report: RunReport) -> list[str]:
+def _collect(ray, ref, runs: list[int], campaign: Campaign, agg: Aggregator, report: RunReport,
+             gate: "AccuracyGate") -> list:
     """Take one finished call: for each of its runs, fold its shard ("folded"), record why it failed
     ("failed"), or report that its worker died ("worker died")."""
     from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
@@ -336,10 +497,11 @@ def _collect(ray, ref, runs: list[int], campaign: Campaign, agg: Aggregator, rep
                            _ANSI.sub("", getattr(e, "traceback_str", "") or str(e)))
             report.failed_now.append(run)
         return ["failed"] * len(runs)
-    return [_collect_one(result, run, campaign, agg, report) for run, result in zip(runs, results)]
+    return [_collect_one(result, run, campaign, agg, report, gate) for run, result in zip(runs, results)]
 
 
-def _collect_one(result: dict, run: int, campaign: Campaign, agg: Aggregator, report: RunReport) -> str:
+def _collect_one(result: dict, run: int, campaign: Campaign, agg: Aggregator, report: RunReport,
+                 gate: "AccuracyGate"):
     if result.get("fatal"):
         raise CampaignError(f"run {run} could not be stored on {result['host']}: {result['reason']}. Nothing "
                             f"half-written is visible; fix the cause, then: longtail resume {campaign.paths.root}")
@@ -357,26 +519,58 @@ def _collect_one(result: dict, run: int, campaign: Campaign, agg: Aggregator, re
         record_failure(campaign, run, f"its shard failed verification: {e}", host=result.get("host", ""))
         report.failed_now.append(run)
         return "failed"
-    floor = _accuracy_floor(campaign, agg)
-    if floor is not None and result["test_acc"] < floor:
-        why = (f"test accuracy {result['test_acc']:.3f} is far below the campaign's median "
-               f"({floor / campaign.spec.estimates.min_accuracy:.3f}; [estimates] min_accuracy = "
-               f"{campaign.spec.estimates.min_accuracy})")
-        reject_shard(campaign, run, why)
-        record_failure(campaign, run, why, host=result.get("host", ""))
-        report.failed_now.append(run)
-        return "failed"
-    agg.add(run, data)
     report.trained += 1
-    return "folded"
+    refused = gate.offer(run, data, report, host=result.get("host", ""))
+    if run in refused:
+        report.trained -= 1
+        return "failed"
+    return refused  # the runs (held earlier) that this one's arrival let the gate judge, and refused
 
 
-def _accuracy_floor(campaign: Campaign, agg: Aggregator) -> float | None:
-    """A run whose test accuracy is below min_accuracy x the median of the folded runs is a failure
-    (diverged, collapsed to one class): folding it would bias every estimate. Needs 10 runs first."""
-    share = campaign.spec.estimates.min_accuracy
-    acc = agg.run_info["test_acc"][agg.folded]
-    acc = acc[np.isfinite(acc)]
-    if not share or len(acc) < 10:
-        return None
-    return share * float(np.median(acc))
+class AccuracyGate:
+    """Collapsed runs are never folded. A run whose test accuracy is below [estimates] min_accuracy x the
+    median test accuracy of the campaign's runs is a failure (diverged, collapsed to one class): folding
+    it would bias every estimate. A median needs MIN_RUNS runs, so the first runs to arrive are held,
+    unfolded (their shards are on disk, so a crash loses nothing: the next driver offers them again),
+    until MIN_RUNS accuracies are known; then each is judged against that median, and every later run
+    on arrival. A campaign of fewer runs than MIN_RUNS in all cannot tell a collapse and folds them."""
+
+    MIN_RUNS = 10
+
+    def __init__(self, campaign: Campaign, agg: Aggregator):
+        self.c, self.agg = campaign, agg
+        self.share = campaign.spec.estimates.min_accuracy
+        self.held: list[tuple[int, object, float, str]] = []  # (run, shard data, test accuracy, host)
+
+    def floor(self) -> float | None:
+        acc = self.agg.run_info["test_acc"][self.agg.folded]
+        acc = np.concatenate([acc[np.isfinite(acc)], [a for _, _, a, _ in self.held if np.isfinite(a)]])
+        return self.share * float(np.median(acc)) if len(acc) >= self.MIN_RUNS else None
+
+    def offer(self, run: int, data, report: RunReport, host: str = "") -> set[int]:
+        """Fold `run`, hold it, or refuse it; returns the runs refused now (it, or runs held before)."""
+        if not self.share:
+            self.agg.add(run, data)
+            return set()
+        self.held.append((run, data, float(data.meta.get("test_acc", np.nan)), host))
+        floor = self.floor()
+        if floor is None:
+            return set()
+        held, self.held = self.held, []
+        refused = set()
+        for r, d, acc, h in held:
+            if acc < floor:
+                why = (f"test accuracy {acc:.3f} is far below the campaign's median ({floor / self.share:.3f}; "
+                       f"[estimates] min_accuracy = {self.share})")
+                reject_shard(self.c, r, why)
+                record_failure(self.c, r, why, host=h)
+                report.failed_now.append(r)
+                refused.add(r)
+            else:
+                self.agg.add(r, d)
+        return refused
+
+    def release_all(self) -> None:
+        for r, d, _, _ in self.held:
+            self.agg.add(r, d)
+        self.held = []

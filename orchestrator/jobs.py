@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+from workers.errors import LongtailError
 
 from . import spec as specs
 
@@ -25,7 +29,7 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_WAIT_SECONDS = 120.0  # a head under load took over a minute to start its job agent
 
 
-class JobError(RuntimeError):
+class JobError(LongtailError, RuntimeError):
     """A job-API call that failed: unreachable address, authentication, unknown submission id."""
 
 
@@ -79,6 +83,18 @@ def _plugin_paths(spec: specs.Spec) -> list[Path]:
     return sorted(set(out))
 
 
+def job_entrypoint(args: str) -> str:
+    """A shell command that runs `longtail ARGS` with the first Python on the head that can import longtail:
+    its PATH's python3 or python, else this machine's interpreter (the same path on a one-machine cluster or
+    on nodes built from one image). A head started as `.venv/bin/ray start --head`, without the venv on its
+    PATH, has only a bare python there, which lacks longtail."""
+    candidates = " ".join(shlex.quote(p) for p in ("python3", "python", sys.executable))
+    return (f"for py in {candidates}; do if \"$py\" -c 'import orchestrator.cli' 2>/dev/null; then "
+            f"exec \"$py\" -m orchestrator.cli {args}; fi; done; "
+            f"echo 'longtail: no Python on the head can import longtail (tried {candidates}); install longtail "
+            f"there, or start the head from its virtual environment (docs/cluster.md)' >&2; exit 2")
+
+
 def submit(spec: specs.Spec, address: str, out: str, extra_modules: list[str] = ()) -> str:
     """Submit the campaign; returns the submission id."""
     c = client(address)
@@ -92,22 +108,31 @@ def submit(spec: specs.Spec, address: str, out: str, extra_modules: list[str] = 
             else:
                 shutil.copy2(path, target)
         submission_id = f"longtail-{spec.campaign.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        entrypoint = f"python -m orchestrator.cli run campaign.toml --out {out} --top 10"
-        deadline = time.monotonic() + AGENT_WAIT_SECONDS
-        while True:
-            try:
-                return c.submit_job(
-                    entrypoint=entrypoint, submission_id=submission_id,
-                    runtime_env={"working_dir": str(stage), "env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
-                    metadata={"longtail_campaign": spec.campaign.name, "longtail_out": out})
-            except Exception as e:
-                # a head that just started has no job agent yet ("try again later"): wait for it
-                if "try again later" in str(e) and time.monotonic() < deadline:
-                    time.sleep(2)
-                    continue
-                raise JobError(f"the cluster at {address} refused the job: {str(e).splitlines()[0]}") from None
+        entrypoint = job_entrypoint(f"run campaign.toml --out {out} --top 10")  # unquoted: ~ expands on the head
+        return submit_entrypoint(address, entrypoint, submission_id, working_dir=str(stage),
+                                 metadata={"longtail_campaign": spec.campaign.name, "longtail_out": out}, c=c)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def submit_entrypoint(address: str, entrypoint: str, submission_id: str, metadata: dict, env: dict | None = None,
+                      working_dir: str | None = None, c=None) -> str:
+    """Submit one job, waiting for the job agent of a head that just started; returns the submission id."""
+    c = c or client(address)
+    runtime_env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", **(env or {})}}
+    if working_dir:
+        runtime_env["working_dir"] = working_dir
+    deadline = time.monotonic() + AGENT_WAIT_SECONDS
+    while True:
+        try:
+            return c.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
+                                metadata=metadata)
+        except Exception as e:
+            # a head that just started has no job agent yet ("try again later"): wait for it
+            if "try again later" in str(e) and time.monotonic() < deadline:
+                time.sleep(2)
+                continue
+            raise JobError(f"the cluster at {address} refused the job: {str(e).splitlines()[0]}") from None
 
 
 def info(address: str, submission_id: str):
@@ -153,6 +178,11 @@ def stop(address: str, submission_id: str, wait: float = 60.0) -> str:
         time.sleep(0.5)
         status = str(c.get_job_status(submission_id).value)
     return status
+
+
+def stop_nowait(address: str, submission_id: str) -> None:
+    """Ask Ray to stop the job (SIGTERM to its driver) and return at once."""
+    client(address).stop_job(submission_id)
 
 
 def last_progress(log_text: str) -> str:

@@ -13,10 +13,11 @@ import socket
 import time
 from pathlib import Path
 
+from workers.errors import LongtailError
 from workers.storage import StorageError, atomic_write_text, is_local, makedirs
 
 
-class LockedError(RuntimeError):
+class LockedError(LongtailError, RuntimeError):
     pass
 
 
@@ -39,14 +40,23 @@ class DriverLock:
 
     def holder(self) -> dict | None:
         try:
-            return json.loads(self.path.read_text())
+            holder = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return None
+        return holder if isinstance(holder, dict) else None  # a lock file edited into anything else is unreadable
+
+    def stale_reason(self, holder: dict | None) -> str:
+        """Why the lock's holder no longer runs ("" while it may): what run, resume and status all decide by."""
+        return self._is_stale(holder)
 
     def _is_stale(self, holder: dict | None) -> str:
         if holder is None:
             return "unreadable"
-        if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
+        try:
+            pid = int(holder.get("pid", -1))
+        except (TypeError, ValueError):
+            return "it names no process"
+        if holder.get("host") == socket.gethostname() and not _alive(pid):
             return f"its driver (pid {holder.get('pid')}) is no longer running"
         try:
             age = time.time() - self.path.stat().st_mtime

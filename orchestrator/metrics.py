@@ -1,4 +1,4 @@
-"""Campaign metrics for the Ray dashboard's Metrics view (through Prometheus and Grafana).
+"""Campaign metrics as time series (through Prometheus; the Ray dashboard's Metrics view also wants Grafana).
 
 Exported with ray.util.metrics from the driver, which lives as long as the campaign: Ray drops a
 Gauge's series when the process that set it exits, so gauges must not come from short-lived tasks.
@@ -8,7 +8,9 @@ Names as Prometheus sees them (Ray prefixes `ray_`, counters get `_total`), all 
     ray_longtail_runs_in_flight, ray_longtail_runs_per_second, ray_longtail_progress (0..1),
     ray_longtail_share_at_target_se (adaptive stopping, when [estimates] target_se is set)
 
-cluster/grafana-dashboard.json charts them; docs/cluster.md says how to see them.
+`longtail monitor` (orchestrator/monitor.py) charts them in Prometheus; cluster/grafana-dashboard.json
+in Grafana; docs/usage.md says how to see them. tests/test_dashboard.py checks that the values
+Prometheus scrapes are the campaign directory's.
 """
 
 from __future__ import annotations

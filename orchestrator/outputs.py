@@ -8,6 +8,7 @@ estimates/ (docs/campaign-directory.md):
     influence_topk.parquet, influence_pairs.parquet   topk mode
     (the same with a _<target> suffix for every soft target)
     high_influence_pairs.parquet  the paper's selection, with standard errors
+    proxies.parquet, proxy_agreement.parquet, triage.parquet, pred_probs.npy   orchestrator/proxies.py
     summary.json                  counts, accuracies, Table 1, split-half consistency, stopping
 
 Intermediate writes (while runs are still arriving) skip the work that is heavy at scale: tiled
@@ -26,6 +27,8 @@ import pyarrow.parquet as pq
 
 from estimators import estimates as est
 from estimators import influence as inf
+from estimators import rational
+from estimators import privacy as pv
 from estimators.stats import CORRECT
 from workers.storage import atomic_path, atomic_write_text, makedirs
 
@@ -115,8 +118,52 @@ def _pairs_table(pairs: est.Pairs, test_labels: np.ndarray) -> pa.Table:
     return pa.table(cols)
 
 
-def write_influence(agg: Aggregator, mems: dict[str, est.Memorization], final: bool) -> est.Pairs | None:
-    """Influence of every target in the campaign's mode; returns the paper's pairs (0/1 target)."""
+def _memorized(agg: Aggregator, stats, target: str = CORRECT) -> np.ndarray:
+    """mem >= [estimates] mem_threshold, decided exactly on the counts (estimators/rational.py)."""
+    return rational.memorized(stats, agg.c.spec.estimates.mem_threshold, target)
+
+
+def _halves(agg: Aggregator, runs: np.ndarray) -> inf.Halves | None:
+    """The split halves of the main ratio's folded `runs`, for a top-k pass that also finds each half's
+    pairs (among the training examples memorized in that half), or None without a split-half check."""
+    if not agg.c.spec.estimates.split_half or min(h.runs for h in agg.halves) < 2:
+        return None
+    return inf.Halves(half=agg.position[runs] % 2, rows=tuple(_memorized(agg, h) for h in agg.halves),
+                      threshold=agg.c.spec.estimates.infl_threshold)
+
+
+def _half_sets(agg: Aggregator, top: inf.TopK) -> list[set]:
+    """Each half's high-influence pairs (memorization was decided in `_halves`) as sets of (train, test)."""
+    y_tr, y_te = agg.c.labels["train_labels"], agg.c.labels["test_labels"]
+    sets = []
+    for tr, te in top.half_pairs:
+        keep = y_tr[tr] == y_te[te] if agg.c.spec.estimates.same_class else np.ones(len(tr), bool)
+        sets.append(set(zip(tr[keep].tolist(), te[keep].tolist())))
+    return sets
+
+
+def _exact_counts(agg: Aggregator, target: str) -> est.Counts | None:
+    s = agg.stats.targets[target]
+    return est.Counts(s.infl_in, agg.stats.n_in, s.test, agg.stats.runs) if s.binary else None
+
+
+def _class_pairs(blocks: list[inf.ClassBlock], with_se: bool):
+    """The above-threshold cells of per-class blocks as (train, test, infl, se) arrays."""
+    cand = [[], [], [], []]
+    for b in blocks:
+        r, j = b.pairs
+        for lst, v in zip(cand, (b.train[r], b.test[j], b.infl[r, j], b.se[r, j])):
+            lst.append(v)
+    cand = [np.concatenate(v) if v else np.array([]) for v in cand]
+    return cand[0].astype(np.int64), cand[1].astype(np.int64), cand[2], cand[3] if with_se else None
+
+
+def write_influence(agg: Aggregator, mems: dict[str, est.Memorization], final: bool,
+                    half_sets: list | None = None) -> est.Pairs | None:
+    """Influence of every target in the campaign's mode; returns the paper's pairs (0/1 target).
+
+    Every threshold is decided exactly on the counts, identically here and in the exports. In top-k
+    mode the split halves' pairs come from the same pass and are appended to `half_sets`."""
     c, e = agg.c, agg.c.spec.estimates
     paths, mode = c.paths, agg.mode
     y_tr, y_te = c.labels["train_labels"], c.labels["test_labels"]
@@ -126,31 +173,33 @@ def write_influence(agg: Aggregator, mems: dict[str, est.Memorization], final: b
     pairs = None
     for target in agg.targets:
         s, mem = suffix(target), mems[target].mem
+        memorized = _memorized(agg, agg.stats, target)
         if mode == "dense":
             selected = []
             write_dense_influence(agg, target, paths.estimates_dir / f"influence{s}.npy",
                                   paths.estimates_dir / f"influence{s}_se.npy",
-                                  lambda infl, se, mem=mem: selected.append(est.high_influence_pairs(
-                                      mem, infl, y_tr, y_te, e.mem_threshold, e.infl_threshold, e.same_class, se)))
+                                  lambda infl, se, mem=mem, m=memorized, t=target: selected.append(
+                                      est.high_influence_pairs(mem, infl, y_tr, y_te, e.mem_threshold,
+                                                               e.infl_threshold, e.same_class, se, m,
+                                                               _exact_counts(agg, t))))
             found = selected[0]
         elif mode == "per-class":
-            blocks = inf.per_class(agg.mask_columns(runs), agg.outcomes(target, runs), y_tr, y_te, _budget(agg))
+            blocks = inf.per_class(agg.mask_columns(runs), agg.outcomes(target, runs), y_tr, y_te, _budget(agg),
+                                   e.infl_threshold)
             arrays = {}
-            cand = [[], [], [], []]
             for b in blocks:
                 arrays.update({f"infl_matrix_class{b.label}": b.infl, f"infl_se_class{b.label}": b.se,
                                f"tr_classidx_{b.label}": b.train, f"tt_classidx_{b.label}": b.test})
-                r, j = np.nonzero(b.infl >= e.infl_threshold)
-                for lst, v in zip(cand, (b.train[r], b.test[j], b.infl[r, j], b.se[r, j])):
-                    lst.append(v)
             write_npz(paths.estimates_dir / f"influence{s}_per_class.npz", arrays)
-            cand = [np.concatenate(v) if v else np.array([]) for v in cand]
-            found = est.filter_pairs(est.select_pairs(cand[0].astype(np.int64), cand[1].astype(np.int64), cand[2],
-                                                      mem, cand[3]), mem, y_tr, y_te, e.mem_threshold,
-                                     e.infl_threshold, same_class=True)
+            tr, te, infl, se = _class_pairs(blocks, with_se=True)
+            found = est.filter_pairs(est.select_pairs(tr, te, infl, mem, se), mem, y_tr, y_te, e.mem_threshold,
+                                     None, same_class=True, memorized=memorized)
         else:  # topk
+            halves = _halves(agg, runs) if target == CORRECT and half_sets is not None else None
             top = inf.top_k(agg.mask_columns(runs), agg.outcomes(target, runs), c.n_train, e.top_k,
-                            e.infl_threshold, _budget(agg))
+                            e.infl_threshold, _budget(agg), n_in=agg.stats.n_in, halves=halves)
+            if halves is not None:
+                half_sets.extend(_half_sets(agg, top))
             n_test, k = top.train.shape
             write_parquet(paths.estimates_dir / f"influence{s}_topk.parquet", pa.table({
                 "test": np.repeat(np.arange(n_test, dtype=np.int32), k), "rank": np.tile(np.arange(k, dtype=np.int16),
@@ -162,15 +211,18 @@ def write_influence(agg: Aggregator, mems: dict[str, est.Memorization], final: b
                 "infl": top.pairs_infl, "se": top.pairs_se}), len(runs))
             found = est.filter_pairs(est.select_pairs(top.pairs_train, top.pairs_test, top.pairs_infl, mem,
                                                       top.pairs_se), mem, y_tr, y_te, e.mem_threshold,
-                                     e.infl_threshold, e.same_class)
+                                     None, e.same_class, memorized)
         if target == CORRECT:
             pairs = found
             write_parquet(paths.pairs, _pairs_table(found, y_te), len(runs))
     return pairs
 
 
-def split_half(agg: Aggregator) -> dict | None:
-    """Estimates from the even and from the odd runs of the main ratio, and how well they agree."""
+def split_half(agg: Aggregator, half_sets: list | None = None) -> dict | None:
+    """Estimates from the even and from the odd runs of the main ratio, and how well they agree.
+
+    The halves' high-influence pairs are `half_sets` when the top-k pass found them; otherwise one
+    pass computes both halves (their GEMMs together cost one of the whole)."""
     c, e = agg.c, agg.c.spec.estimates
     halves = [est.memorization(h) for h in agg.halves]
     if min(h.runs for h in agg.halves) < 2:
@@ -184,16 +236,12 @@ def split_half(agg: Aggregator) -> dict | None:
     for thr in MEM_THRESHOLDS:
         out[f"memorized_jaccard_{thr:g}"] = est.jaccard(set(np.flatnonzero(a >= thr)), set(np.flatnonzero(b >= thr)))
     if agg.mode != "none":
-        y_tr, y_te = c.labels["train_labels"], c.labels["test_labels"]
-        found = []
-        for h in range(2):
-            runs = agg.main_runs(h)
-            top = inf.top_k(agg.mask_columns(runs), agg.outcomes(CORRECT, runs), c.n_train, 1, e.infl_threshold,
-                            _budget(agg))
-            mem = halves[h].mem
-            p = est.filter_pairs(est.select_pairs(top.pairs_train, top.pairs_test, top.pairs_infl, mem), mem,
-                                 y_tr, y_te, e.mem_threshold, e.infl_threshold, e.same_class)
-            found.append(set(zip(p.train.tolist(), p.test.tolist())))
+        found = half_sets
+        if not found:
+            runs = agg.main_runs()
+            top = inf.top_k(agg.mask_columns(runs), agg.outcomes(CORRECT, runs), c.n_train, 1, None, _budget(agg),
+                            n_in=agg.stats.n_in, halves=_halves(agg, runs))
+            found = _half_sets(agg, top)
         out["pairs"] = [len(f) for f in found]
         out["pairs_jaccard"] = est.jaccard(found[0], found[1])
     return out
@@ -254,14 +302,50 @@ def write_estimates(agg: Aggregator, complete: bool, final: bool = True, extra: 
     write_parquet(c.paths.memorization, table, runs)
     if len(c.plan.ratios) > 1:
         write_parquet(c.paths.estimates_dir / "cscore.parquet", cscore_table(agg), int(agg.folded.sum()))
-    pairs = write_influence(agg, mems, final)
+    half_sets: list[set] = []
+    pairs = write_influence(agg, mems, final, half_sets)
     out = summary(agg, mems[CORRECT], pairs, complete)
+    risk = write_privacy_risk(agg, mems[CORRECT].mem)
+    if risk:
+        out["privacy_risk"] = risk
     if final and c.spec.estimates.split_half:
-        out["split_half"] = split_half(agg)
+        out["split_half"] = split_half(agg, half_sets)
+    if agg.stats.runs:  # training-dynamics proxies and triage (orchestrator/proxies.py)
+        from . import proxies
+
+        out.update(proxies.write(agg, mems[CORRECT].mem, write_parquet, write_npy, final))
     out.update(extra or {})
     out = _clean(out)
     atomic_write_text(c.paths.summary, json.dumps(out, indent=2) + "\n")
     return out
+
+
+PRIVACY_RISK = "privacy_risk.parquet"
+
+
+def privacy_risk_table(agg: Aggregator, mem: np.ndarray) -> tuple[pa.Table, dict]:
+    """Per training example: the in/out fits of the risk statistic and their AUC (estimators/privacy.py)."""
+    c = agg.c
+    f = pv.fit(agg.risk)
+    r = pv.risk(f)
+    cols = {"example": np.arange(c.n_train, dtype=np.int32), "label": c.labels["train_labels"].astype(np.int32),
+            "risk": r.auc, "risk_se": r.se, "mu_in": f.mu_in, "sd_in": f.sd_in, "mu_out": f.mu_out,
+            "sd_out": f.sd_out, "n_in": f.n_in.astype(np.int64), "n_out": f.n_out.astype(np.int64), "mem": mem}
+    ok = np.isfinite(r.auc)
+    info = {"statistic": agg.risk_source, "global_variance": f.global_variance, "defined": int(ok.sum()),
+            "mean": float(r.auc[ok].mean()) if ok.any() else None,
+            "share_at_least_0.9": float((r.auc[ok] >= 0.9).mean()) if ok.any() else None,
+            "spearman_with_memorization": pv.rank_correlation(r.auc, mem)}
+    return pa.table(cols), info
+
+
+def write_privacy_risk(agg: Aggregator, mem: np.ndarray) -> dict | None:
+    """estimates/privacy_risk.parquet, when the shards keep a statistic; its summary for summary.json."""
+    if agg.risk_source is None or agg.risk.count_in.sum() == 0:
+        return None
+    table, info = privacy_risk_table(agg, mem)
+    write_parquet(agg.c.paths.estimates_dir / PRIVACY_RISK, table, int(agg.risk.count_in[0] + agg.risk.count_out[0]))
+    return info
 
 
 def _clean(o):
@@ -290,20 +374,17 @@ def export_fz(agg: Aggregator, dest: Path) -> list[Path]:
     mem = est.memorization(agg.stats).mem
     y_tr, y_te = c.labels["train_labels"], c.labels["test_labels"]
     runs = agg.main_runs()
-    blocks = inf.per_class(agg.mask_columns(runs), agg.outcomes(CORRECT, runs), y_tr, y_te, _budget(agg))
+    blocks = inf.per_class(agg.mask_columns(runs), agg.outcomes(CORRECT, runs), y_tr, y_te, _budget(agg),
+                           e.infl_threshold)
     arrays = {"tr_mem": mem.astype(np.float32), "tr_labels": y_tr, "tt_labels": y_te}
-    cand = [[], [], []]
     for b in blocks:
         arrays.update({f"infl_matrix_class{b.label}": b.infl, f"tr_classidx_{b.label}": b.train,
                        f"tt_classidx_{b.label}": b.test})
-        r, j = np.nonzero(b.infl >= e.infl_threshold)
-        for lst, v in zip(cand, (b.train[r], b.test[j], b.infl[r, j])):
-            lst.append(v)
     matrix = dest / f"{c.name}_infl_matrix.npz"
     write_npz(matrix, arrays)
-    cand = [np.concatenate(v) if v else np.array([]) for v in cand]
-    pairs = est.filter_pairs(est.select_pairs(cand[0].astype(np.int64), cand[1].astype(np.int64), cand[2], mem),
-                             mem, y_tr, y_te, e.mem_threshold, e.infl_threshold, same_class=True)
+    tr, te, infl, _ = _class_pairs(blocks, with_se=False)
+    pairs = est.filter_pairs(est.select_pairs(tr, te, infl, mem), mem, y_tr, y_te, e.mem_threshold, None,
+                             same_class=True, memorized=_memorized(agg, agg.stats))
     pairs_path = dest / f"{c.name}_high_infl_pairs_infl{e.infl_threshold:g}_mem{e.mem_threshold:g}.npz"
     write_npz(pairs_path, {"tr_idx": pairs.train, "tt_idx": pairs.test, "infl": pairs.infl.astype(np.float32),
                            "mem": pairs.mem.astype(np.float32)})
@@ -325,11 +406,11 @@ def export_parquet(agg: Aggregator, dest: Path) -> list[Path]:
     cols = {"example": np.arange(c.n_test, dtype=np.int32), "label": y_te.astype(np.int32),
             "accuracy": agg.stats.targets[CORRECT].test / max(agg.stats.runs, 1)}
     top = inf.top_k(agg.mask_columns(runs), agg.outcomes(CORRECT, runs), c.n_train, 1, e.infl_threshold,
-                    _budget(agg))
+                    _budget(agg), n_in=agg.stats.n_in)
     cols.update(top_train=top.train[:, 0].astype(np.int32), top_infl=top.infl[:, 0], top_se=top.se[:, 0])
     write_parquet(test_path, pa.table(cols), len(runs))
     mem = mems[CORRECT].mem
     pairs = est.filter_pairs(est.select_pairs(top.pairs_train, top.pairs_test, top.pairs_infl, mem, top.pairs_se),
-                             mem, y_tr, y_te, e.mem_threshold, e.infl_threshold, e.same_class)
+                             mem, y_tr, y_te, e.mem_threshold, None, e.same_class, _memorized(agg, agg.stats))
     write_parquet(pairs_path, _pairs_table(pairs, y_te), len(runs))
     return [train_path, test_path, pairs_path]

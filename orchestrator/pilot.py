@@ -90,6 +90,18 @@ def in_share(design: str, ratio: float) -> float:
     return 0.5 if design == "paired" else ratio
 
 
+DEGENERATE_CAVEAT = 0.5  # above this share of 0/1 accuracies the pilot's standard errors are not evidence
+
+
+def degenerate_share(acc_in: np.ndarray, acc_out: np.ndarray) -> float:
+    """Share of examples whose in- and out-accuracies over the pilot are both exactly 0 or 1: their
+    estimated per-run variance is 0, so a short pilot makes the standard errors (and runs needed) look
+    smaller than they are."""
+    if not len(acc_in):
+        return 1.0
+    return float(np.mean(np.isin(acc_in, (0.0, 1.0)) & np.isin(acc_out, (0.0, 1.0))))
+
+
 def variance_per_run(acc_in: np.ndarray, acc_out: np.ndarray, share: float) -> np.ndarray:
     """V_i such that the plug-in standard error of mem(i) after t runs is sqrt(V_i / t):
     V_i = p_in(1 - p_in) / q + p_out(1 - p_out) / (1 - q), since n_in = q t and n_out = (1 - q) t."""
@@ -175,7 +187,7 @@ def measure_pilot(spec: specs.Spec, pilot: int, address: str | None, progress: b
 
     from .aggregate import influence_mode
     from .campaign import create_or_open
-    from .driver import ray_init, run_campaign
+    from .driver import CampaignInterrupted, ray_init, run_campaign
     from .pool import WorkerPool
 
     pspec = pilot_spec(spec, pilot)
@@ -193,6 +205,10 @@ def measure_pilot(spec: specs.Spec, pilot: int, address: str | None, progress: b
             workers = WorkerPool(ray, campaign, _say).fit()
             try:
                 report = run_campaign(campaign, address=address, progress=progress)
+            except CampaignInterrupted:  # its "longtail resume" hint would name the directory removed below
+                raise CampaignInterrupted(f"interrupted; the pilot's temporary directory {tmp} is removed and there "
+                                          f"is nothing to resume: plan again with `longtail plan "
+                                          f"{spec_source or 'SPEC'}`") from None
             except CampaignError as e:  # e.g. the failure budget: its "longtail resume" hint does not apply here
                 first = _first_failure(campaign.paths)
                 raise PilotError(f"the pilot campaign failed: " + (
@@ -310,7 +326,8 @@ def build_plan(spec: specs.Spec, m: dict, workers: int, cluster: dict, mode: str
         "expected_se": {"formula": "sqrt(p_in(1-p_in)/(q t) + p_out(1-p_out)/((1-q) t))", "q": share, "t": main,
                         "examples": int(ok.sum()), "median": float(np.median(se)),
                         "p90": float(np.quantile(se, 0.9)), "p99": float(np.quantile(se, 0.99)),
-                        "worst_case": float(expected_se(variance_per_run(0.5, 0.5, share), main))},
+                        "worst_case": float(expected_se(variance_per_run(0.5, 0.5, share), main)),
+                        "degenerate_share": degenerate_share(acc_in[ok], acc_out[ok])},
         "runs_needed": needed,
     }
 
@@ -358,6 +375,11 @@ def format_plan(p: dict) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     lines += [""] + [f"  {k:<{width}}  {v}" for k, v in rows]
+    if se.get("degenerate_share", 0) > DEGENERATE_CAVEAT:
+        lines.append(f"caveat: with {pl['trained']} pilot runs, {se['degenerate_share']:.0%} of the examples have in- "
+                     f"and out-accuracies of exactly 0 or 1, whose estimated variance is 0: the standard errors and "
+                     f"runs needed below are underestimates. For figures to rely on: --pilot "
+                     f"{max(20, 2 * pl['trained'])}")
     lines += ["", "runs the campaign needs for a memorization standard error of",
               f"  {'target':>6}  {'median example':>14}  {'90% of examples':>15}  {'99% of examples':>15}  "
               f"{'paper bound':>11}"]
@@ -388,14 +410,8 @@ def plan_command(spec_file, pilot, address, as_json, progress):
     Runs PILOT runs of the spec in a temporary directory (deleted afterwards), then states seconds
     per run, throughput, expected wall time, GPU- or CPU-hours, storage, and the standard error the
     estimates will reach, with the runs needed for a target standard error."""
-    from .cli import _errors
-
-    try:
-        spec = specs.load(spec_file)
-        plan = measure_pilot(spec, pilot, address, progress, spec_file)
-    except _errors() as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    spec = specs.load(spec_file)  # errors: one line, from the CLI's handler (orchestrator/cli.py)
+    plan = measure_pilot(spec, pilot, address, progress, spec_file)
     from .outputs import _clean
 
     click.echo(json.dumps(_clean(plan), indent=2) if as_json else format_plan(plan))

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from workers.errors import LongtailError
 from workers.storage import atomic_write_bytes, atomic_write_text
 
 from .paths import CampaignPaths
@@ -37,7 +38,7 @@ from .paths import CampaignPaths
 DESIGNS = ("fixed", "bernoulli", "balanced", "paired")
 
 
-class PlanError(ValueError):
+class PlanError(LongtailError, ValueError):
     pass
 
 
@@ -123,7 +124,7 @@ class Plan:
             first = idx[0] >> 3
             bits = np.unpackbits(self.masks[runs, first:(idx[-1] >> 3) + 1], axis=1)
             return bits[:, idx[0] - 8 * first: idx[0] - 8 * first + len(idx)].astype(bool)
-        packed = self.masks[runs][:, idx >> 3]
+        packed = self.masks[np.ix_(runs, idx >> 3)]  # not masks[runs] first: that copies the whole plan
         return ((packed >> (7 - (idx & 7)).astype(np.uint8)) & 1).astype(bool)
 
     def runs_of_ratio(self, k: int) -> np.ndarray:
@@ -233,8 +234,9 @@ def read_plan(paths: CampaignPaths) -> Plan:
                 raise PlanError(f"{path} does not match the checksum in {paths.plan_info}: the plan was modified "
                                 f"or corrupted")
             arrays[field] = np.load(io.BytesIO(blob), allow_pickle=False)
-    except (OSError, ValueError) as e:
+        return Plan(info["design"], info["campaign_seed"], info["n_train"], tuple(info["ratios"]), **arrays)
+    except (OSError, ValueError, KeyError, TypeError) as e:
         if isinstance(e, PlanError):
             raise
-        raise PlanError(f"cannot read the plan in {paths.plan_dir}: {e}") from None
-    return Plan(info["design"], info["campaign_seed"], info["n_train"], tuple(info["ratios"]), **arrays)
+        raise PlanError(f"cannot read the plan in {paths.plan_dir}: {type(e).__name__}: {e}; if its files were "
+                        f"deleted rather than changed, `longtail resume {paths.root}` rebuilds them") from None

@@ -10,9 +10,11 @@ driver decides, and the decision is visible in its log.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 
 from .campaign import Campaign, CampaignError
+
 
 def runs_per_call(spec) -> int:
     """[resources] pack, or its automatic value: 16 runs per call where workers train them together in
@@ -24,7 +26,12 @@ def runs_per_call(spec) -> int:
     if spec.resources.pack:
         return spec.resources.pack
     packable = not spec.train.trainer and ensemble_options(spec.model.as_dict(), spec.to_dict()["train"]) is not None
-    return 16 if packable else 1
+    if packable:
+        return 16
+    from workers.models import convnet_pack  # built-in convnets: packed on GPU workers (workers/packed.py)
+
+    d = spec.to_dict()
+    return convnet_pack(d["model"], d["train"], d["resources"]) or 1
 
 
 # Constructor failures tolerated (a bad node, a transient error) before the campaign is stopped.
@@ -145,7 +152,15 @@ class WorkerPool:
         except Exception:  # already gone
             pass
 
-    def shutdown(self) -> None:
-        for slot in self.slots:
-            if not slot.dead:
-                self.kill(slot)
+    def shutdown(self, wait_seconds: float = 10.0) -> None:
+        """Kill every live worker and wait (bounded) until each is gone: ray.kill returns before the process
+        has died, and a worker still writing could leave a temporary shard after the driver swept them."""
+        killed = [slot for slot in self.slots if not slot.dead]
+        for slot in killed:
+            self.kill(slot)
+        deadline = time.monotonic() + wait_seconds
+        for slot in killed:
+            try:  # a call queued behind the kill fails once the actor is dead
+                self.ray.get(slot.actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            except Exception:  # RayActorError (dead, as wanted) or a time-out: nothing more to wait for
+                pass

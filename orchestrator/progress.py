@@ -1,10 +1,26 @@
 """Campaign progress for people: a live bar on a terminal, a plain line every few seconds elsewhere
-(Ray job logs, CI, files), both showing runs done/total, runs/s over this session and the ETA."""
+(Ray job logs, CI, files), both showing runs done/total, runs/s over this session and the ETA.
+
+The plain line is what the Ray dashboard shows of a campaign (the job's driver log), and what
+`longtail status SUBMISSION_ID` reads back (orchestrator/jobs.py:last_progress): it starts with
+"runs DONE/PLANNED" and names the campaign, its failures and its retries. Its period is
+$LONGTAIL_PROGRESS_SECONDS (default 10 s).
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+
+DEFAULT_INTERVAL = 10.0
+
+
+def line_interval() -> float:
+    try:
+        return max(0.5, float(os.environ.get("LONGTAIL_PROGRESS_SECONDS", DEFAULT_INTERVAL)))
+    except ValueError:
+        return DEFAULT_INTERVAL
 
 
 def format_seconds(s: float) -> str:
@@ -25,14 +41,15 @@ def format_bytes(n: float) -> str:
 
 
 class Progress:
-    def __init__(self, total: int, done: int, label: str = "runs", stream=None, interval: float = 10.0,
-                 enabled: bool = True, clock=time.monotonic):
+    def __init__(self, total: int, done: int, label: str = "runs", stream=None, interval: float | None = None,
+                 enabled: bool = True, clock=time.monotonic, campaign: str = ""):
         self.total, self.start_done, self.done = total, done, done
-        self.failed = 0
+        self.failed = self.retried = 0
         self.in_flight = 0
         self.label = label
+        self.campaign = campaign
         self.stream = stream or sys.stderr
-        self.interval = interval
+        self.interval = line_interval() if interval is None else interval
         self.clock = clock
         self.t0 = clock()
         self.last_line = -float("inf")
@@ -61,17 +78,19 @@ class Progress:
 
     def line(self) -> str:
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        extra = f", {self.failed} failed" if self.failed else ""
-        return (f"{self.label} {self.done}/{self.total} ({pct:.1f}%), {self.rate():.2f} {self.label}/s, "
-                f"{self.in_flight} in flight{extra}, ETA {format_seconds(self.eta())}")
+        of = f" of campaign {self.campaign!r}" if self.campaign else ""
+        return (f"{self.label} {self.done}/{self.total} ({pct:.1f}%){of}, {self.rate():.2f} {self.label}/s, "
+                f"ETA {format_seconds(self.eta())}, {self.in_flight} in flight, {self.failed} failed, "
+                f"{self.retried} retried")
 
-    def update(self, done: int, failed: int = 0, in_flight: int = 0, force: bool = False) -> None:
-        self.done, self.failed, self.in_flight = done, failed, in_flight
+    def update(self, done: int, failed: int = 0, in_flight: int = 0, force: bool = False, retried: int = 0) -> None:
+        self.done, self.failed, self.in_flight, self.retried = done, failed, in_flight, retried
         if not self.enabled:
             return
         if self._bar is not None:
             self._bar.update(self._task, completed=done, rate=f"{self.rate():.2f}/s",
-                             eta=format_seconds(self.eta()), extra=f"{failed} failed" if failed else "")
+                             eta=format_seconds(self.eta()),
+                             extra=", ".join(f"{n} {what}" for n, what in ((failed, "failed"), (retried, "retried")) if n))
             return
         now = self.clock()
         if force or now - self.last_line >= self.interval:

@@ -17,7 +17,6 @@ import base64
 import html
 import io
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -284,8 +283,10 @@ def _note(text: str) -> str:
     return f'<p class="note">{text}</p>'
 
 
-NO_ESTIMATES = ("no estimates yet: they are written at the first checkpoint of a running campaign, or by "
-                "<code>longtail estimate DIR</code>")
+def no_estimates(inp) -> str:
+    """The note where estimates are missing, with the command to run on this campaign."""
+    return ("no estimates yet: they are written at the first checkpoint of a running campaign, or by "
+            f"<code>longtail estimate {esc(str(inp.c.paths.root))}</code>")
 
 
 # --- sections -------------------------------------------------------------------------------------
@@ -324,7 +325,7 @@ def header(inp: Inputs) -> str:
     dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)
     behind = (f"Memorization and influence figures stand on the <b>{inp.mem_runs:,} runs</b> at subset ratio "
               f"{ratio:g} folded into estimates/; the convergence and per-run figures read the shards and "
-              f"say how many. Every figure names its number of runs." if inp.summary else NO_ESTIMATES)
+              f"say how many. Every figure names its number of runs." if inp.summary else no_estimates(inp))
     badge = "done" if s.get("complete") else "running"
     return (f'<header><h1>{esc(c.name)}</h1><p class="status {badge}">{status}</p><dl>{dl}</dl>'
             f'<p class="behind">{behind}</p></header>')
@@ -335,7 +336,7 @@ def memorization_section(inp: Inputs) -> str:
              "that did not. Near 0: the example is learned from the others; near 1: only the runs that saw "
              "it get it right, i.e. it is memorized.")
     if inp.mem is None:
-        return _section("memorization", "Memorization", intro, _note(NO_ESTIMATES))
+        return _section("memorization", "Memorization", intro, _note(no_estimates(inp)))
     m = inp.mem
     ok = np.isfinite(m["mem"])
     if not ok.any():
@@ -358,16 +359,22 @@ def gallery_section(inp: Inputs) -> str:
              "mislabeled examples that the models fit only when they train on them.")
     title = "Most memorized training examples"
     if inp.mem is None:
-        return _section("gallery", title, intro, _note(NO_ESTIMATES))
+        return _section("gallery", title, intro, _note(no_estimates(inp)))
     m = inp.mem
     finite = np.flatnonzero(np.isfinite(m["mem"]))
     top = finite[np.argsort(-m["mem"][finite], kind="stable")][:GALLERY_SIZE]
     planted = set(inp.meta.get("info", {}).get("mislabeled") or [])
+    from .proxies import describe, read_triage
+
+    triage = read_triage(inp.c.paths)  # None before triage existed
     caption = (f"The {len(top)} highest of {len(finite):,} estimates, {inp.mem_runs:,} runs: estimate ± standard "
-               f"error, runs with / without the example (n_in / n_out) and the accuracy of each.")
+               f"error, runs with / without the example (n_in / n_out) and the accuracy of each"
+               + ("; triage by the runs that did not train on it: category, their most predicted class and its "
+                  "share." if triage is not None else "."))
     if inp.pictures is None:
         head = ["example", "label"] + (["group"] if "group" in m else []) + \
-               ["memorization", "95% interval", "n_in / n_out", "in-acc", "held-out acc"]
+               ["memorization", "95% interval", "n_in / n_out", "in-acc", "held-out acc"] + \
+               (["triage"] if triage is not None else [])
         rows = []
         for i in top:
             row = [f"{int(m['example'][i])}" + (" (planted wrong label)" if int(i) in planted else ""),
@@ -376,6 +383,8 @@ def gallery_section(inp: Inputs) -> str:
                 row.append(str(int(m["group"][i])))
             row += [f"{m['mem'][i]:.3f} ± {m['se'][i]:.3f}", f"[{_num(m['ci_low'][i])}, {_num(m['ci_high'][i])}]",
                     f"{int(m['n_in'][i])} / {int(m['n_out'][i])}", _num(m["acc_in"][i]), _num(m["acc_out"][i])]
+            if triage is not None:
+                row.append(esc(describe(triage, int(m["example"][i]))))
             rows.append(row)
         body = _note(esc(inp.picture_note)) + _figure_html(_table(head, rows), caption)
         return _section("gallery", title, intro, body)
@@ -387,7 +396,8 @@ def gallery_section(inp: Inputs) -> str:
                      f'<div class="cap"><b>#{ex}</b> label {esc(inp.label(int(m["label"][i])))}<br>'
                      f'mem {m["mem"][i]:.3f} ± {m["se"][i]:.3f}<br>'
                      f'n_in/n_out {int(m["n_in"][i])}/{int(m["n_out"][i])}<br>'
-                     f'acc {m["acc_in"][i]:.2f} / {m["acc_out"][i]:.2f}{mark}</div></div>')
+                     f'acc {m["acc_in"][i]:.2f} / {m["acc_out"][i]:.2f}{mark}'
+                     + (f'<br>{esc(describe(triage, ex))}' if triage is not None else "") + '</div></div>')
     return _section("gallery", title, intro, _figure_html(f'<div class="gallery">{"".join(cards)}</div>', caption))
 
 
@@ -477,7 +487,7 @@ def influence_section(inp: Inputs) -> str:
              f"test example, then its {INFLUENCERS} most influential training examples (framed: in a selected "
              f"pair), as in the paper's figures.")
     if inp.mem is None:
-        return _section("influence", title, intro, _note(NO_ESTIMATES))
+        return _section("influence", title, intro, _note(no_estimates(inp)))
     pairs = inp.pairs
     runs = _runs_of_pairs(inp)
     if pairs is not None and len(pairs["test"]):
@@ -561,7 +571,7 @@ def table1_section(inp: Inputs) -> str:
              "estimates from the even and from the odd runs, and how well they agree.")
     s = inp.summary
     if s is None:
-        return _section("table1", title, intro, _note(NO_ESTIMATES))
+        return _section("table1", title, intro, _note(no_estimates(inp)))
     runs = inp.mem_runs
     parts = []
     hp = s.get("high_influence_pairs")
@@ -786,7 +796,8 @@ def utility_section(inp: Inputs) -> str:
     rows = _columns(_read_table(path))
     if rows is None:
         return _section("utility", title, "The paper's Fig. 2 experiment has not been run for this campaign.",
-                        _note("run <code>longtail utility DIR --thresholds 0.25,0.5</code> to add it"))
+                        _note(f"run <code>longtail utility {esc(str(inp.c.paths.root))} --thresholds 0.25,0.5</code> "
+                              f"to add it"))
     intro = ("Models retrained on the full training set minus the examples memorized at or above each threshold, "
              "and minus as many random examples (Feldman &amp; Zhang, Fig. 2): if memorized examples matter for "
              "the test set, removing them costs more accuracy than removing random ones.")
@@ -809,9 +820,58 @@ def utility_section(inp: Inputs) -> str:
 
 # --- the page -------------------------------------------------------------------------------------
 
+from .report_proxies import section as proxies_section  # noqa: E402  (it uses this module's helpers)
+
+# --- privacy risk (estimators/privacy.py, docs/audit.md) ----------------------------------------------
+
+
+def draw_risk_vs_memorization(risk: np.ndarray, mem: np.ndarray, runs: int, rho: float) -> str:
+    fig, ax = _figure(4.8, 3.6)
+    ax.scatter(mem, risk, s=5, alpha=0.35, color="#4c72b0", linewidths=0)
+    ax.axhline(0.5, color="#999", lw=0.8, ls=":")
+    ax.set_xlabel("memorization estimate")
+    ax.set_ylabel("membership risk (AUC of the in/out fits)")
+    ax.set_ylim(0.3, 1.02)
+    ax.set_title(f"{len(risk):,} training examples, {runs:,} runs; Spearman {rho:.2f}", fontsize=10)
+    return _png(fig, "membership risk against memorization")
+
+
+def privacy_section(inp: Inputs) -> str:
+    from estimators.privacy import rank_correlation
+
+    intro = ("Membership risk of each training example from the campaign's own runs (the likelihood-ratio "
+             "attack, Carlini et al. 2022): Gaussian fits of a per-model statistic over the runs that trained on "
+             "it and those that did not, and the AUC of the two fits: 0.5 = its membership cannot be told from "
+             "the models' outputs, 1 = it always can. <code>longtail audit</code> scores a target model "
+             "(docs/audit.md).")
+    table = _read_table(inp.c.paths.estimates_dir / "privacy_risk.parquet")
+    if table is None:
+        return _section("privacy", "Privacy risk", intro,
+                        _note("no privacy_risk.parquet: the shards store no margin, probability or logits"))
+    t = _columns(table)
+    ok = np.isfinite(t["risk"]) & np.isfinite(t["mem"])
+    if not ok.any():
+        return _section("privacy", "Privacy risk", intro, _note("no risk is defined yet: every example needs runs "
+                                                                "with and runs without it"))
+    rho = rank_correlation(t["risk"], t["mem"])
+    runs = _runs_of(table)
+    info = (inp.summary or {}).get("privacy_risk") or {}
+    fig = _figure_html(draw_risk_vs_memorization(t["risk"][ok], t["mem"][ok], runs, rho),
+                       f"Risk against memorization ({runs:,} runs, statistic {esc(str(info.get('statistic', '?')))}, "
+                       f"{'global' if info.get('global_variance') else 'per-example'} variance). Spearman rank "
+                       f"correlation {_num(rho)}; mean risk {_num(float(np.mean(t['risk'][ok])))}, "
+                       f"{_pct(float(np.mean(t['risk'][ok] >= 0.9)))} of the examples at 0.9 or above.")
+    top = np.flatnonzero(ok)[np.argsort(-t["risk"][ok], kind="stable")[:10]]
+    rows = [[int(i), inp.label(int(t["label"][i])), f"{t['risk'][i]:.3f} ± {t['risk_se'][i]:.3f}",
+             _num(float(t["mem"][i])), f"{int(t['n_in'][i])}/{int(t['n_out'][i])}"] for i in top]
+    return _section("privacy", "Privacy risk", intro,
+                    fig + _table(["example", "label", "risk ± se", "memorization", "runs in/out"], rows))
+
+
 SECTIONS = [("memorization", memorization_section), ("gallery", gallery_section),
             ("influence", influence_section), ("table1", table1_section),
-            ("convergence", convergence_section), ("runs", runs_section), ("utility", utility_section)]
+            ("convergence", convergence_section), ("runs", runs_section), ("utility", utility_section),
+            ("proxies", proxies_section), ("privacy", privacy_section)]
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif; color: #222;
@@ -885,18 +945,7 @@ def report_command(campaign_dir):
     """Write CAMPAIGN_DIR/report/index.html: one self-contained page with the campaign's figures.
 
     It can be written while the campaign runs (it then says how many runs it stands on)."""
-    from workers.options import SetupError
-    from workers.storage import StorageError
-
-    from .campaign import CampaignError
-    from .plan import PlanError
-    from .spec import SpecError
-
-    try:
-        path, notes = write_report(campaign_dir)
-    except (CampaignError, SetupError, StorageError, PlanError, SpecError) as ex:
-        click.echo(f"error: {ex}", err=True)
-        sys.exit(2)
+    path, notes = write_report(campaign_dir)  # errors: one line, from the CLI's handler (orchestrator/cli.py)
     for note in notes:
         click.echo(f"warning: {note}", err=True)
     click.echo(f"report: {path}")

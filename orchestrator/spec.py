@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workers.errors import LongtailError
 from workers.options import option
 
 from .plan import DESIGNS
@@ -30,7 +31,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-class SpecError(ValueError):
+class SpecError(LongtailError, ValueError):
     """A campaign spec that cannot be used; the message says where, what was expected and what was found."""
 
 
@@ -45,7 +46,10 @@ def _nonnegative(v) -> bool:
     return v >= 0
 
 
-STORABLE = ("margin", "probability", "logits")
+STORABLE = ("margin", "probability", "logits", "dynamics")
+# store entries that add columns without changing any run's predictions: left out of the spec hash, so
+# that turning them on or off keeps a campaign resumable (the dynamics are read off the training batches)
+UNHASHED_STORE = ("dynamics",)
 SOFT_TARGETS = ("margin", "probability")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -112,7 +116,10 @@ class TrainSection:
     store: list[str] = option(["margin"], "per-example values written to every shard besides the prediction, "
                               "when the learner produces them: 'margin' (correct-class logit minus the best "
                               "other, float16), 'probability' (softmax probability of the correct class), "
-                              "'logits' (every logit, float16: 2 bytes per class per example, opt-in)",
+                              "'logits' (every logit, float16: 2 bytes per class per example, opt-in), "
+                              "'dynamics' (training dynamics of the examples trained on: cumulative loss, "
+                              "learning time, forgetting events; under 4 bytes per trained row, docs/proxies-and-"
+                              "triage.md)",
                               lambda v: set(v) <= set(STORABLE) and len(set(v)) == len(v),
                               "a list of distinct values from: " + ", ".join(STORABLE))
     eval_batch_size: int = option(4096, "examples per forward pass when every example is evaluated", _positive,
@@ -142,7 +149,9 @@ class ResourcesSection:
                                   "gpus_per_worker GPUs each (use gpus_per_worker = 1 for one GPU each)",
                                   _positive, "an integer >= 1", affects_results=False)
     pack: int = option(0, "runs per worker call, trained together in one vectorized step where the model allows "
-                       "(the builtin mlp); 0 = 16 for the builtin mlp, 1 otherwise", _nonnegative, "an integer >= 0",
+                       "(the builtin mlp; the builtin convnets cnn and airbench, one fused model per call); 0 = 16 "
+                       "for the builtin mlp, 8 for cnn and airbench on GPU workers, 1 otherwise", _nonnegative,
+                       "an integer >= 0",
                        affects_results=False)
     max_retries: int = option(3, "times a run is retried on another worker after its worker process or node died",
                               _nonnegative, "an integer >= 0", affects_results=False)
@@ -180,8 +189,9 @@ class EstimatesSection:
                           "0 or one of [campaign] subset_ratio", affects_results=False)
     split_half: bool = option(True, "estimate again from even and from odd runs and report their agreement",
                               affects_results=False)
-    min_accuracy: float = option(0.5, "a run whose test accuracy is below min_accuracy x the median of the runs "
-                                 "folded so far (after 10) is recorded as failed, not folded; 0 = off",
+    min_accuracy: float = option(0.5, "a run whose test accuracy is below min_accuracy x the median of the "
+                                 "campaign's runs is recorded as failed, never folded (the first runs are "
+                                 "held until 10 accuracies are known); 0 = off",
                                  lambda v: 0 <= v < 1, "a number in [0, 1)", affects_results=False)
     target_se: float = option(0.0, "adaptive stopping: stop scheduling runs once target_share of the memorization "
                               "estimates have a standard error <= target_se; 0 = run every planned run",
@@ -196,6 +206,18 @@ class EstimatesSection:
                              affects_results=False)
     checkpoint_seconds: float = option(30.0, "seconds between checkpoints of the fold and estimates/",
                                        _positive, "a number > 0", affects_results=False)
+    # triage of memorized examples by their out-of-subset predictions (docs/proxies-and-triage.md)
+    triage_mem: float = option(0.25, "triage: examples with memorization >= triage_mem are triaged", lambda v: 0 < v <= 1,
+                               "a number in (0, 1]", affects_results=False)
+    triage_agree: float = option(0.5, "triage: 'mislabeled' when the out-of-subset models' most predicted class is "
+                                 "not the label and holds at least this share of their predictions",
+                                 lambda v: 0 < v <= 1, "a number in (0, 1]", affects_results=False)
+    triage_split: float = option(0.2, "triage: 'ambiguous' (if not mislabeled) when the label and the best other class "
+                                 "each hold at least this share and all other classes together at most this share", lambda v: 0 < v <= 0.5, "a number in (0, 0.5]",
+                                 affects_results=False)
+    triage_slots: int = option(8, "out-of-subset predictions: (class, count) pairs kept per example when a dense "
+                               "examples x classes table does not fit a quarter of memory_gb (a Misra-Gries summary "
+                               "with a stated error bound)", _positive, "an integer > 0", affects_results=False)
 
 
 SECTIONS: dict[str, type] = {
@@ -259,6 +281,8 @@ class Spec:
                         continue
                     if f.metadata.get("neutral_default") and value == _default(f):
                         continue
+                if section == "train" and key == "store":
+                    value = [v for v in value if v not in UNHASHED_STORE]
                 flat[f"{section}.{key}"] = value
         return flat
 
@@ -407,9 +431,12 @@ def from_dict(raw: dict, source: str = "<spec>") -> Spec:
     if unknown:
         raise SpecError(f"{source}: unknown section(s) {', '.join('[' + u + ']' for u in unknown)}; "
                         f"valid sections: {', '.join('[' + s + ']' for s in SECTIONS)}")
+    if "model" not in raw and isinstance(raw.get("train"), dict) and raw["train"].get("trainer"):
+        raw = {**raw, "model": {"name": "mlp"}}  # not used with a trainer plug-in (docs/plugins.md)
     for required in ("campaign", "dataset", "model"):
         if required not in raw:
-            raise SpecError(f"{source}: missing section [{required}]")
+            raise SpecError(f"{source}: missing section [{required}]"
+                            + ("; [model] may be left out only when [train] trainer is set" if required == "model" else ""))
     return _cross_check(Spec(
         campaign=parse_section(CampaignSection, raw["campaign"], f"[campaign] in {source}"),
         dataset=_parse_plugin(raw["dataset"], f"[dataset] in {source}", DATASET_OPTIONS),

@@ -20,11 +20,13 @@ from pathlib import Path
 import click
 import numpy as np
 
+from workers.errors import LongtailError
+
 from . import spec as specs
 from .plan import make_plan
 
 
-class TuneError(ValueError):
+class TuneError(LongtailError, ValueError):
     pass
 
 
@@ -137,14 +139,11 @@ def _round(x: float) -> float:
 def tune_command(spec_file, samples, max_epochs, out, address):
     """Tune SPEC_FILE's learning rate, weight decay and epochs at its subset ratio (Ray Tune, ASHA), scored
     on the training examples outside the subset, and write the best recipe into a new spec."""
-    from .cli import _errors, _fail, _load_spec
+    from .cli import _load_spec
 
     spec = _load_spec(spec_file)
     max_epochs = max_epochs or 2 * spec.train.epochs
-    try:
-        best = tune_recipe(spec, samples, max_epochs, address)
-    except (TuneError,) + _errors() as e:
-        _fail(str(e))
+    best = tune_recipe(spec, samples, max_epochs, address)  # errors: one line, from the CLI's handler
     new = tuned_spec(spec, best)
     path = Path(out) if out else Path(spec_file).with_suffix(".tuned.toml")
     path.write_text(f"# tuned by `longtail tune {spec_file}`: {best['trials']} trials, best held-out accuracy "

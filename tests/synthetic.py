@@ -32,17 +32,17 @@ store = ["margin", "probability"]
 influence = "{mode}"
 soft = {soft}
 block_runs = 7
-mem_threshold = 0.1013
-infl_threshold = 0.1017
+mem_threshold = {mem}
+infl_threshold = {infl}
 top_k = 3
 memory_gb = {memory_gb}
 """
 
 
 def make_campaign(root, design="fixed", runs=40, ratio="0.6", mode="dense", soft='["margin"]', n_train=30,
-                  n_test=12, seed=0, memory_gb=1.0):
+                  n_test=12, seed=0, memory_gb=1.0, thresholds=(MEM, INFL)):
     text = SPEC.format(design=design, runs=runs, ratio=ratio, mode=mode, soft=soft, n_train=n_train,
-                       n_test=n_test, seed=seed, memory_gb=memory_gb)
+                       n_test=n_test, seed=seed, memory_gb=memory_gb, mem=thresholds[0], infl=thresholds[1])
     c = create_or_open(specs.loads(text, "synth.toml"), root)
     rng = np.random.default_rng(seed + 100)
     d = c.dataset

@@ -48,3 +48,46 @@ def test_data_parallel_runs_match_single_process_training(ray_session, tmp_path)
         assert (pred == single.train_pred).mean() > 0.99
         meta = json.loads(pq.read_schema(c.paths.shard(r)).metadata[b"longtail"])
         assert meta["run"] == r
+
+
+class _Seen(torch.nn.Module):
+    """Wraps a model as Ray Train's prepare_model would, and records the inputs of every training step."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.steps = model, []
+
+    def forward(self, x):
+        self.steps.append(sorted(row.tobytes() for row in x.detach().reshape(len(x), -1).cpu().numpy()))
+        return self.model(x)
+
+
+def test_each_rank_trains_on_its_own_share_of_every_batch():
+    """Were both processes to see the whole batch, the averaged gradient would be the same and the test
+    above would pass: here each rank's inputs are recorded, step by step. The ranks' shares of a step
+    are disjoint and together are exactly the batch one process takes at that step."""
+    from workers.datasets import load_dataset
+
+    d = load_dataset({"name": "digits", "test_fraction": 0.2, "split_seed": 0})
+    data = DeviceData.from_dataset(d, torch.device("cpu"))
+    build = model_factory({"name": "mlp", "hidden": [8]})
+    spec = specs.loads(SPEC, "ddp.toml")
+    train = spec.to_dict()["train"]
+    subset = np.arange(0, d.n_train, 2)
+    wrappers = {}
+
+    def wrap_for(rank):
+        def wrap(model):
+            wrappers[rank] = _Seen(model)
+            return wrappers[rank]
+        return wrap
+
+    train_run(build, data, subset, 3, train, data_parallel=(0, 1, wrap_for("single")))
+    for rank in (0, 1):
+        train_run(build, data, subset, 3, train, data_parallel=(rank, 2, wrap_for(rank)))
+    single, r0, r1 = wrappers["single"].steps, wrappers[0].steps, wrappers[1].steps
+    assert len(r0) == len(r1) == len(single) > 1
+    for whole, a, b in zip(single, r0, r1):
+        assert not set(a) & set(b)  # no example in both shares
+        assert sorted(a + b) == whole  # together, the whole batch
+        assert abs(len(a) - len(b)) <= 1

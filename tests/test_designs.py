@@ -58,3 +58,61 @@ def test_columns_of_a_contiguous_range():
     p = planning.make_plan("bernoulli", 5, 77, 0.4, 9)
     for a, b in ((0, 77), (3, 20), (8, 16), (70, 77)):
         np.testing.assert_array_equal(p.columns(np.arange(9), np.arange(a, b)), p.dense()[:, a:b])
+
+
+@pytest.mark.parametrize("design", ["fixed", "bernoulli", "balanced", "paired"])
+def test_a_packed_runs_output_does_not_depend_on_its_pack_mates(design):
+    """A crash regroups runs (a retried run trains alone, a resumed campaign packs what is left), so a
+    run's shard must be the same bit for bit whichever runs share its call: here run k trained in a call
+    of 16, of 4 and alone. Uneven subsets (all designs but fixed) once moved margins by ~1e-6."""
+    import torch
+
+    from workers.datasets import load_dataset
+    from workers.ensemble import train_runs
+    from workers.training import DeviceData
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a worker with cpus_per_worker = 1
+    try:
+        d = load_dataset({"name": "digits", "test_fraction": 0.2, "split_seed": 0})
+        dd = DeviceData.from_dataset(d, torch.device("cpu"))
+        p = planning.make_plan(design, 4, d.n_train, 0.7, 16)
+        subsets = [np.flatnonzero(row) for row in p.dense()]
+        if design != "fixed":
+            assert len({len(s) for s in subsets}) > 1  # uneven, the case that used to differ
+        train = dict(epochs=2, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True,
+                     weight_decay=5e-4, schedule="cosine", label_smoothing=0.0, eval_batch_size=512)
+        seeds = [int(s) for s in p.seeds]
+        full = train_runs({"hidden": [16]}, dd, subsets, seeds, train)
+        for pick in ([3, 0, 9, 14], [11]):
+            part = train_runs({"hidden": [16]}, dd, [subsets[i] for i in pick], [seeds[i] for i in pick], train)
+            for i, out in zip(pick, part):
+                for split in ("train", "test"):
+                    for key in ("margin", "probability"):
+                        a, b = getattr(full[i], f"{split}_values")[key], getattr(out, f"{split}_values")[key]
+                        assert a.tobytes() == b.tobytes(), (design, pick, i, split, key, np.abs(a - b).max())
+                assert full[i].final_loss == out.final_loss
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_run_alone_in_a_call_gets_the_shard_it_gets_in_a_pack(tmp_path):
+    """The worker trains a call of one MLP run (a retried run runs alone) with the same vectorized
+    trainer as a pack, so its shard is the one the pack gives, bit for bit."""
+    from orchestrator import spec as specs
+    from orchestrator.campaign import create_or_open
+    from workers.shard import read_shard
+    from workers.worker import RunWorker
+
+    text = ('[campaign]\nname = "alone"\nruns = 4\ndesign = "bernoulli"\n[dataset]\nname = "digits"\n'
+            '[model]\nname = "mlp"\nhidden = [16]\n[train]\nepochs = 2\n')
+    c = create_or_open(specs.loads(text, "s.toml"), tmp_path / "c")
+    worker = RunWorker(c.spec.to_dict(), c.name, c.spec.result_hash(), c.fingerprint, 1, False)
+    calls = [(r, c.plan.masks[r], int(c.plan.seeds[r]), str(tmp_path / f"{k}-{r}.parquet"))
+             for k in ("pack", "alone") for r in range(4)]
+    worker.run_many(calls[:4])
+    worker.run_many([calls[4 + 2]])
+    a, b = (read_shard(tmp_path / f"{k}-2.parquet", campaign="alone", spec_hash=c.spec.result_hash(), run=2,
+                       n_train=c.n_train, n_test=c.n_test) for k in ("pack", "alone"))
+    for split in ("train_values", "test_values"):
+        assert getattr(a, split)["margin"].tobytes() == getattr(b, split)["margin"].tobytes(), split

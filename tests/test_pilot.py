@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 from estimators.estimates import error_bound
 from orchestrator import spec as specs
-from orchestrator.pilot import (expected_se, main_ratio_runs, pilot_spec, plan_command, runs_for_bound, runs_for_se,
+from orchestrator.cli import main
+from orchestrator.pilot import (expected_se, main_ratio_runs, pilot_spec, runs_for_bound, runs_for_se,
                                 variance_per_run)
 
 SPEC = """
@@ -39,7 +40,8 @@ target_se = 0.1
 
 
 def invoke(*args):
-    return CliRunner().invoke(plan_command, [str(a) for a in args], catch_exceptions=False)
+    # through the `longtail` group: its one handler prints user errors (orchestrator/cli.py)
+    return CliRunner().invoke(main, ["plan", *map(str, args)], catch_exceptions=False)
 
 
 def pilot_dir(output: str) -> Path:
@@ -108,6 +110,8 @@ def test_plan_end_to_end(ray_session, tmp_path):
     for line in ("plan for campaign 'planned': 400 runs", "seconds per run", "throughput", "wall time",
                  "CPU core-hours", "storage", "error bound", "memorization se", "90% of examples"):
         assert line in text.output, line
+    # 4 runs: most in/out accuracies are exactly 0 or 1, whose variance estimate is 0 (issue 12, item 16)
+    assert "caveat: with 4 pilot runs" in text.output and "underestimates" in text.output, text.output
     assert not pilot_dir(text.output).exists()
 
 
@@ -118,3 +122,30 @@ def test_plan_pilot_failure(ray_session, tmp_path):
     assert r.exit_code == 2
     assert "error: the pilot campaign failed" in r.output and "this trainer always fails" in r.output
     assert not pilot_dir(r.output).exists()
+
+
+def test_plan_predictions_hold_for_the_real_campaign(ray_session, tmp_path):
+    """What `longtail plan` predicts from an 8-run pilot, against the campaign itself (80 runs):
+    shard storage (the same shards: within 5%) and the memorization standard errors (the median at
+    the planned runs against the campaign's, within 30%). Not its training time: from an 8-run pilot
+    it overestimated the campaign's by 1.8x to 3.1x on the loaded 2-core machine (the pilot's few
+    runs carry the workers' warm-up), too unstable for a test yet; printed with -s."""
+    from orchestrator.campaign import create_or_open
+    from orchestrator.driver import run_campaign
+
+    path = tmp_path / "s.toml"
+    path.write_text(SPEC.format(extra="sleep = 0.05").replace("runs = 400", "runs = 80"))
+    r = invoke(path, "--pilot", 8, "--json", "--no-progress")
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.stdout)
+    c = create_or_open(specs.load(path), tmp_path / "real")
+    report = run_campaign(c, progress=False)
+    assert report.complete
+    shards = sum(c.paths.shard(k).stat().st_size for k in range(80))
+    assert p["storage_bytes"]["shards"] == pytest.approx(shards, rel=0.05)
+    predicted = 80 / p["runs_per_second"]
+    print(f"\ntraining time: predicted {predicted:.1f} s, took {report.training_seconds:.1f} s")
+    import pyarrow.parquet as pq
+
+    se = pq.read_table(c.paths.estimates_dir / "memorization.parquet")["se"].to_numpy()
+    assert p["expected_se"]["median"] == pytest.approx(float(np.nanmedian(se)), rel=0.3), p["expected_se"]

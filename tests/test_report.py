@@ -1,5 +1,5 @@
 """`longtail report`: the page is built from synthetic campaigns (no training, no Ray), rendered in
-headless Chromium (Debian's `chromium` package; .ci/run installs it), and checked: every section with
+headless Chromium (Debian's `chromium` package; `make test` installs it), and checked: every section with
 its heading and a figure, every image decoded from the page itself, a screenshot that is not blank;
 image galleries for an image dataset (digits), tables for vectors; in-progress and failed runs."""
 
@@ -22,6 +22,7 @@ from orchestrator import report
 from orchestrator import spec as specs
 from orchestrator.aggregate import Aggregator
 from orchestrator.campaign import create_or_open
+from orchestrator.cli import main
 from orchestrator.driver import RunReport, fold_existing, record_failure
 from orchestrator.outputs import write_estimates
 from synthetic import make_campaign
@@ -30,8 +31,11 @@ from workers.shard import build_table, write_shard
 SECTIONS = {"memorization": "Memorization", "gallery": "Most memorized training examples",
             "influence": "High-influence pairs", "table1": "Table 1, memorization shares and consistency",
             "convergence": "Convergence", "runs": "Runs: accuracy and failures",
-            "utility": "Marginal utility of memorized examples"}
-OPTIONAL = {"utility"}  # drawn only when `longtail utility` has run
+            "utility": "Marginal utility of memorized examples", "privacy": "Privacy risk",
+            "proxies": "Training-dynamics proxies and triage"}
+# sections drawn only when their inputs exist: `longtail utility` has run; shards with training dynamics
+NEEDS = {"utility": "utility/utility.parquet", "proxies": "estimates/proxies.parquet",
+         "privacy": "estimates/privacy_risk.parquet"}
 
 DIGITS_SPEC = """
 [campaign]
@@ -68,8 +72,10 @@ def make_digits_campaign(root, runs=40, written=None, mode="dense"):
         test_pred = np.where(t_right, d.y_test, (d.y_test + 1) % d.num_classes)
         meta = {"campaign": c.name, "spec_hash": c.spec.result_hash(), "run": r, "n_train": d.n_train,
                 "n_test": d.n_test, "test_acc": float(t_right.mean())}
+        wrong = ~right[m]  # training dynamics that follow the synthetic outcomes (the proxies section)
+        dynamics = {"loss_sum": wrong * 5 + rng.random(int(m.sum())), "learn_epoch": wrong * 10, "forgets": wrong * 1}
         write_shard(c.paths.shard(r), build_table(m, train_pred, test_pred, d.y_train, d.y_test, d.num_classes,
-                                                  meta))
+                                                  meta, dynamics=dynamics))
     return c
 
 
@@ -197,7 +203,7 @@ def check_page(html_text: str, page_path: Path, tmp: Path) -> Page:
     for sid, title in SECTIONS.items():
         sec = dom.sections[sid]
         assert sec["heading"].strip() == title, (sid, sec)
-        has_results = sid not in OPTIONAL or (page_path.parent.parent / "utility" / "utility.parquet").exists()
+        has_results = sid not in NEEDS or (page_path.parent.parent / NEEDS[sid]).exists()
         assert sec["figures"] >= 1 or not has_results, f"section {sid} has no figure"
     assert int(dom.body["data-images"]) == len(raw.images) > 0
     assert dom.body["data-broken"] == "0", f"{dom.body['data-broken']} images failed to load or decode"
@@ -284,9 +290,9 @@ def test_vector_campaign_in_progress_with_failures(tmp_path):
     text = make_report(c)
     dom = check_page(text, c.paths.report, tmp_path)
     assert "in progress: 30 of 40 runs" in text and "30 / 40" in text
-    # failures, by reason with numbers folded, and their count
-    assert "<td>CUDA out of memory at step #</td><td>3</td>" in text
-    assert "<td>its worker died # times</td><td>1</td>" in text
+    # failures, by reason with numbers folded, and their count; the first run's values shown (issue 12)
+    assert "<td>CUDA out of memory at step 12 (numbers vary; shown: run 31)</td><td>3</td>" in text
+    assert "<td>its worker died 3 times</td><td>1</td>" in text
     assert "4 runs with a failure record in failed/" in text
     # vectors: tables, not images; the only images are the plots
     assert "are not images; tables instead" in text
@@ -372,7 +378,7 @@ def test_no_pair_shows_the_strongest_influences_and_mode_none_says_so(tmp_path):
 
 
 def test_a_directory_that_is_not_a_campaign(tmp_path):
-    r = CliRunner().invoke(report.report_command, [str(tmp_path)])
+    r = CliRunner().invoke(main, ["report", str(tmp_path)])  # through the group: its one error handler
     assert r.exit_code == 2 and "is not a campaign directory" in r.output
 
 

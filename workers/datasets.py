@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import call_plugin
 from .options import SetupError, option
 
 
@@ -195,7 +196,7 @@ def load_dataset(section: dict) -> Dataset:
     name = section["name"]
     options = {k: v for k, v in section.items() if k != "name"}
     if ":" in name:
-        data = resolve(name, "dataset loader")(section)
+        data = call_plugin("dataset loader", name, resolve(name, "dataset loader"), section)
         if not isinstance(data, Dataset):
             raise DatasetError(f"dataset loader {name!r} returned {type(data).__name__}; expected "
                                f"workers.datasets.Dataset")

@@ -40,6 +40,15 @@ per epoch: at most 1 in 9; with the 'fixed' design all subsets have one size and
 Batches are padded the same way: a short last batch is filled with example 0 at weight 0, and each
 model's loss is divided by its own count of real examples.
 
+Independent of pack-mates: model k's numbers are bit for bit the same whichever runs share its call
+(without dropout, on a given machine and thread count), so a run regrouped after a crash or a retry
+gives the shard it would have given undisturbed. What could couple the models is the shape of the
+shared operations: every batch is therefore batch_size wide, padded even when no model needs all its
+columns (a last batch of width max_k count_k made a matrix product's blocking, and so its summation
+order, depend on the widest pack-mate: margins moved by ~1e-6). Padding columns carry weight 0 and
+their gradients are exact zeros; the number of models K only changes the batch axis of bmm, over
+which nothing is summed. tests/test_designs.py checks packs of 1, 4 and 16.
+
 One optimizer for all: the K per-model mean losses are summed before backward. Model k's loss
 depends on its own slice only, so d(sum)/d(W[k]) = d(loss_k)/d(W[k]): the gradients stay per
 model. torch.optim cannot give every slice of one tensor its own learning rate (schedules run on each
@@ -175,7 +184,6 @@ def train_runs(options: dict, data: DeviceData, train_indices: list[np.ndarray],
     b_of = np.arange(S)[:, None]
     active = b_of < steps  # (S, K)
     counts = np.clip(sizes - b_of * bs, 0, bs)  # (S, K)
-    width = counts.max(axis=1)  # columns a shared batch needs (the widest model's batch)
     denom = torch.as_tensor(np.where(active, counts, 1), dtype=torch.float32, device=device)  # 0 -> NaN, as train_run
     alive = np.ones(K, dtype=bool)  # models whose loss is still finite
     t = np.arange(epochs)[:, None, None] * steps + b_of  # (E, S, K) 0-based step of model k at (epoch, b)
@@ -192,6 +200,11 @@ def train_runs(options: dict, data: DeviceData, train_indices: list[np.ndarray],
     epoch_losses = torch.zeros(S, K, device=device)
     last_step = (torch.as_tensor(steps - 1, device=device), torch.arange(K, device=device))
     failed: dict[int, str] = {}
+    rec = None
+    if "dynamics" in train.get("store", ()):  # training dynamics of each model (workers/dynamics.py)
+        from .dynamics import Recorder
+
+        rec = Recorder(K, data.y_train, train["label_smoothing"])
     start = time.perf_counter()
     for epoch in range(epochs):
         # This epoch's batches: order[k, b, j] = the j-th example of model k's b-th batch, -1 = padding.
@@ -200,18 +213,24 @@ def train_runs(options: dict, data: DeviceData, train_indices: list[np.ndarray],
             order[k, :sizes[k]] = subsets[k][torch.randperm(int(sizes[k]), generator=shuffles[k]).to(device)]
         order = order.view(K, S, bs)
         for b in range(S):
-            idx = order[:, b, :width[b]]  # (K, B)
+            idx = order[:, b]  # (K, batch_size): always the full width, see "independent of pack-mates"
             weight = (idx >= 0).float()
+            padded = idx  # -1 = padding, as the recorder takes it
             idx = idx.clamp(min=0)
             logits = _forward(params, x_all[idx], o.dropout, gen)  # (K, C, B)
-            ce = F.cross_entropy(logits, data.y_train[idx], reduction="none",  # (K, B): per example
+            yb = data.y_train[idx]
+            ce = F.cross_entropy(logits, yb, reduction="none",  # (K, B): per example
                                  label_smoothing=train["label_smoothing"])
+            if rec is not None:
+                rec.batch(logits, padded, ce, yb)
             loss = (ce * weight).sum(1) / denom[b]  # (K,) each model's mean loss over its real examples
             grads = torch.autograd.grad(loss.sum(), params)  # the sum keeps the gradients per model
             frozen = np.flatnonzero(~(active[b] & alive))
             opt.step(grads, lr_all[epoch, b], bc1_all[epoch, b], bc2_all[epoch, b],
                      torch.as_tensor(frozen, device=device) if len(frozen) else None)
             epoch_losses[b] = loss.detach()
+        if rec is not None:
+            rec.end_epoch()
         last = epoch_losses[last_step].cpu().numpy()  # each model's last batch, as train_run checks
         for k in np.flatnonzero(alive & ~np.isfinite(last)):
             alive[k] = False
@@ -234,7 +253,8 @@ def train_runs(options: dict, data: DeviceData, train_indices: list[np.ndarray],
             failed[k] = f"run with seed {seeds[k]}: evaluation produced NaN or infinite logits"
             continue
         outputs[k] = RunOutput(tr_pred, te_pred, {"margin": tr_margin, "probability": tr_prob},
-                               {"margin": te_margin, "probability": te_prob}, train_seconds, float(final_loss[k]))
+                               {"margin": te_margin, "probability": te_prob}, train_seconds, float(final_loss[k]),
+                               None if rec is None else rec.result(k, train_indices[k]))
     if failed:
         raise EnsembleRunFailed(f"{len(failed)} of {K} runs failed ({'; '.join(failed[k] for k in sorted(failed))}); "
                                 f"the other runs finished and are in .outputs", failed, outputs)

@@ -284,6 +284,30 @@ def ensemble_options(model: dict, train: dict) -> dict | None:
     return None
 
 
+# Built-in convnets that workers/packed.py trains K at a time (nn.Sequential of plain layers). The
+# ResNets are not: torchvision's ResNet is not a Sequential, and its residual blocks would need their own
+# fused form.
+PACKED_CONVNETS = ("cnn", "airbench")
+CONVNET_AUTO_PACK = 8  # runs per call on a GPU worker when [resources] pack = 0
+
+
+def convnet_pack(model: dict, train: dict, resources: dict) -> int:
+    """Runs per worker call for a built-in convnet that workers/packed.py can pack, else 0.
+
+    [resources] pack where set; otherwise CONVNET_AUTO_PACK on GPU workers and 1 on CPU workers: on a
+    CPU a pack is no faster than its runs one by one (their convolutions are already large enough to
+    keep a core busy; docs/performance.md, benchmarks/packed_cnn.py), on a GPU the K small models
+    fill the device that one of them leaves mostly idle. torch.compile is not packed (one graph per
+    run), nor is a user's trainer."""
+    if model["name"] not in PACKED_CONVNETS or train.get("compile", False) or train.get("trainer", ""):
+        return 0
+    if resources.get("devices_per_run", 1) > 1:
+        return 0
+    if resources.get("pack", 0):
+        return int(resources["pack"])
+    return CONVNET_AUTO_PACK if resources.get("gpus_per_worker", 0) > 0 else 1
+
+
 def model_factory(section: dict):
     """A zero-knowledge builder: `build(num_classes, input_shape) -> nn.Module` for the [model] section."""
     name = section["name"]

@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import field
 from typing import Any, Callable
 
+from .errors import LongtailError
 
-class SetupError(ValueError):
+
+class SetupError(LongtailError, ValueError):
     """A campaign's inputs cannot be used (a plug-in that does not import, a model that does not fit the
     data, a dataset with wrong shapes); found before any compute, the message says where and why."""
 

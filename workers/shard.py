@@ -10,6 +10,8 @@ One row per evaluated example, train rows then test rows:
     margin     float16  correct-class logit minus the best other logit; null when not stored
     prob       float16  softmax probability of the correct class (only when [train] store has it)
     logits     fixed_size_list<float16>[classes]  every logit (only when [train] store has it)
+    loss_sum, learn_epoch, forgets   float16, int16, int16: the run's training dynamics (workers/dynamics.py),
+               on the train rows it trained on, null elsewhere (only when [train] store has "dynamics")
 
 Run-level facts are Parquet key-value metadata under the key "longtail" (JSON). Readers map rows to
 examples through `split` and `example`, never through row order.
@@ -25,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import LongtailError
 from .storage import arrow_source, atomic_path
 
 FORMAT_VERSION = 1
@@ -34,7 +37,7 @@ FLOAT16_MAX = 65504.0
 SPLIT_TYPE = pa.dictionary(pa.int8(), pa.string())
 
 
-class ShardError(ValueError):
+class ShardError(LongtailError, ValueError):
     """A shard that cannot be trusted: unreadable, truncated, foreign or malformed. Says which and why."""
 
 
@@ -44,6 +47,8 @@ def _pred_type(num_classes: int) -> pa.DataType:
 
 # stored value -> shard column
 COLUMNS = {"margin": "margin", "probability": "prob"}
+# training dynamics (optional; shards written before they existed have none)
+DYNAMIC_COLUMNS = {"loss_sum": pa.float16(), "learn_epoch": pa.int16(), "forgets": pa.int16()}
 
 
 def _float16(values: np.ndarray) -> pa.Array:
@@ -63,8 +68,10 @@ def _fixed_columns(n_train: int, n_test: int) -> tuple[pa.Array, pa.Array, np.nd
 
 def build_table(mask: np.ndarray, train_pred: np.ndarray, test_pred: np.ndarray, train_labels: np.ndarray,
                 test_labels: np.ndarray, num_classes: int, meta: dict,
-                values: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> pa.Table:
-    """The shard of one run. `values` maps "margin" / "probability" to their (train, test) arrays."""
+                values: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                dynamics: dict[str, np.ndarray] | None = None) -> pa.Table:
+    """The shard of one run. `values` maps "margin" / "probability" to their (train, test) arrays;
+    `dynamics` maps DYNAMIC_COLUMNS to arrays over the examples trained on, in ascending order."""
     values = values or {}
     n_train, n_test = len(train_pred), len(test_pred)
     split, example, test_rows = _fixed_columns(n_train, n_test)
@@ -84,6 +91,17 @@ def build_table(mask: np.ndarray, train_pred: np.ndarray, test_pred: np.ndarray,
         logits = np.concatenate(values["logits"]).astype(np.float16)
         fields.append(("logits", pa.list_(pa.float16(), logits.shape[1])))
         columns.append(pa.FixedSizeListArray.from_arrays(pa.array(logits.ravel(), pa.float16()), logits.shape[1]))
+    if dynamics is not None:
+        rows = np.flatnonzero(mask)
+        absent = np.ones(n_train + n_test, bool)
+        absent[rows] = False
+        for name, dtype in DYNAMIC_COLUMNS.items():
+            full = np.zeros(n_train + n_test, np.float32 if dtype == pa.float16() else np.int64)
+            full[rows] = dynamics[name]
+            arr = (np.clip(full, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16) if dtype == pa.float16()
+                   else np.clip(full, -32768, 32767).astype(np.int16))
+            fields.append((name, dtype))
+            columns.append(pa.array(arr, dtype, mask=absent))
     schema = pa.schema(fields, metadata={META_KEY: json.dumps({"format": FORMAT_VERSION, **meta}).encode()})
     return pa.Table.from_arrays(columns, schema=schema)
 
@@ -92,7 +110,11 @@ def _write(table: pa.Table, sink) -> None:
     encodings = {"example": "DELTA_BINARY_PACKED", "margin": "BYTE_STREAM_SPLIT"}
     if "prob" in table.column_names:
         encodings["prob"] = "BYTE_STREAM_SPLIT"
-    pq.write_table(table, sink, compression="zstd", use_dictionary=["split", "pred"], column_encoding=encodings,
+    dictionary = ["split", "pred"]
+    if "loss_sum" in table.column_names:  # dynamics: counts of at most epochs distinct values, bit-packed
+        encodings["loss_sum"] = "BYTE_STREAM_SPLIT"
+        dictionary += ["learn_epoch", "forgets"]
+    pq.write_table(table, sink, compression="zstd", use_dictionary=dictionary, column_encoding=encodings,
                    write_page_checksum=True, write_statistics=False)
 
 
@@ -121,6 +143,8 @@ class ShardData:
     test_pred: np.ndarray
     train_values: dict[str, np.ndarray]  # "margin", "probability" (float32) when the shard has them
     test_values: dict[str, np.ndarray]
+    # DYNAMIC_COLUMNS -> (n_train,) float32 (NaN on examples not trained on) when the shard has them
+    dynamics: dict[str, np.ndarray] | None = None
 
 
 def read_meta(path) -> dict:
@@ -135,6 +159,19 @@ def read_meta(path) -> dict:
         return json.loads(md[META_KEY])
     except ValueError:
         raise ShardError(f"{path}: longtail metadata is not valid JSON") from None
+
+
+def _split_is_train(split: pa.Array) -> tuple[np.ndarray, bool]:
+    """(is this row a train row, does every row say 'train' or 'test'). The writer dictionary-encodes
+    the column: deciding on its codes avoids making 60,000 Python strings a shard (20 ms of the
+    driver's 5 ms budget per shard at the CIFAR-100 shape)."""
+    if pa.types.is_dictionary(split.type) and not split.null_count:
+        names = np.asarray(split.dictionary.cast(pa.string()).to_pylist(), dtype=object)
+        codes = split.indices.to_numpy(zero_copy_only=False)
+        train_code, test_code = names == "train", names == "test"
+        return train_code[codes], bool((train_code | test_code)[codes].all())
+    values = np.asarray(split.cast(pa.string()).to_numpy(zero_copy_only=False))
+    return values == "train", bool(((values == "train") | (values == "test")).all())
 
 
 def read_shard(path, *, campaign: str, spec_hash: str, run: int, n_train: int, n_test: int,
@@ -168,14 +205,13 @@ def read_shard(path, *, campaign: str, spec_hash: str, run: int, n_train: int, n
     if table.num_rows != n_train + n_test:
         raise ShardError(f"{path}: {table.num_rows} rows, expected {n_train} train + {n_test} test = "
                          f"{n_train + n_test}")
-    split = np.asarray(table.column("split").combine_chunks().cast(pa.string()).to_numpy(zero_copy_only=False))
+    is_train, valid = _split_is_train(table.column("split").combine_chunks())
     example = table.column("example").to_numpy()
-    if not ((split == "train") | (split == "test")).all():
+    if not valid:
         raise ShardError(f"{path}: column split holds values other than 'train' and 'test'")
-    is_train = split == "train"
     written = np.r_[np.arange(n_train), np.arange(n_test)]
     if is_train[:n_train].all() and np.array_equal(example, written):
-        tr, te = np.arange(n_train), np.arange(n_train, n_train + n_test)  # the order writers use
+        tr, te = slice(0, n_train), slice(n_train, n_train + n_test)  # the order writers use: views, no copies
     else:  # any other row order is fine too: rows are mapped to examples by (split, example)
         out = {}
         for name, sel, n in (("train", is_train, n_train), ("test", ~is_train, n_test)):
@@ -186,7 +222,8 @@ def read_shard(path, *, campaign: str, spec_hash: str, run: int, n_train: int, n
         tr, te = out["train"], out["test"]
     correct = table.column("correct")
     in_subset = table.column("in_subset")
-    if correct.null_count or in_subset.take(pa.array(tr)).null_count:
+    train_subset = in_subset.slice(0, n_train) if isinstance(tr, slice) else in_subset.take(pa.array(tr))
+    if correct.null_count or train_subset.null_count:
         raise ShardError(f"{path}: missing values in columns correct or in_subset")
     correct = correct.to_numpy(zero_copy_only=False).astype(bool)
     subset = in_subset.fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
@@ -204,9 +241,14 @@ def read_shard(path, *, campaign: str, spec_hash: str, run: int, n_train: int, n
         col = table.column("logits").combine_chunks()
         v = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
         train_values["logits"], test_values["logits"] = v[tr], v[te]
+    dynamics = None
+    if all(name in table.column_names for name in DYNAMIC_COLUMNS):
+        dynamics = {name: table.column(name).to_numpy(zero_copy_only=False).astype(np.float32)[tr]
+                    for name in DYNAMIC_COLUMNS}  # nulls become NaN
     shard_mask = subset[tr]
     if mask is not None and not np.array_equal(shard_mask, np.asarray(mask, bool)):
         raise ShardError(f"{path}: in_subset differs from the plan's subset of run {run} in "
                          f"{int((shard_mask != mask).sum())} examples")
     return ShardData(meta=meta, mask=shard_mask, train_correct=correct[tr], test_correct=correct[te],
-                     train_pred=pred[tr], test_pred=pred[te], train_values=train_values, test_values=test_values)
+                     train_pred=pred[tr], test_pred=pred[te], train_values=train_values, test_values=test_values,
+                     dynamics=dynamics)

@@ -23,10 +23,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import LongtailError
+
 TMP_MARKER = ".tmp-"
 
 
-class StorageError(OSError):
+class StorageError(LongtailError, OSError):
     """A write that failed for a reason outside longtail (disk full, permissions); names the path."""
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -36,8 +38,23 @@ FAST_DEFAULTS = {"augment": "none", "crop_padding": 4, "precision": "fp32", "cha
 AUGMENTS = ("none", "flip", "flip-crop")
 PRECISIONS = ("fp32", "bf16")
 
-# torch.compile's backend; tests swap in a counting backend to check that runs reuse the compiled graphs
-_COMPILE_BACKEND = "inductor"
+# torch.compile's backend: this (tests swap in a counting backend to check that runs reuse the compiled
+# graphs), else $LONGTAIL_COMPILE_BACKEND (e.g. "aot_eager": Dynamo and AOTAutograd without inductor's
+# code generation, which the CPU test suite uses), else "inductor"
+_COMPILE_BACKEND = None
+
+
+def compile_backend(device: torch.device) -> str:
+    """The backend torch.compile uses on `device`; inductor on a CPU needs a C++ compiler: without one the
+    worker warns and uses "aot_eager" (the same graphs, run by eager kernels) instead of failing the run."""
+    backend = _COMPILE_BACKEND or os.environ.get("LONGTAIL_COMPILE_BACKEND", "") or "inductor"
+    if backend == "inductor" and device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++")
+                                                               or shutil.which("clang++")):
+        _warn_once("compile-cpu", "[train] compile = true: inductor needs a C++ compiler on a CPU worker and none "
+                   "is on PATH (g++, c++, clang++); compiling with backend 'aot_eager' instead (no speed-up); "
+                   "install g++ or set LONGTAIL_COMPILE_BACKEND")
+        return "aot_eager"
+    return backend
 
 
 @dataclass
@@ -91,32 +108,42 @@ def fast_options(train: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-#  Mixed precision and memory format: CUDA only
+#  Mixed precision and memory format: wherever PyTorch supports them, with a warning where not
 # --------------------------------------------------------------------------------------------------
 
-_warned_cpu_bf16 = False
+_warned: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    """A RuntimeWarning, once per worker process and kind: a setting that cannot apply where the worker is."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA. Elsewhere fp32, by design: CPU autocast is slower than fp32 on most CPUs
-    and would make CPU runs (tests, CPU workers) differ from what they are today. The run's results
-    are then exactly those of precision = "fp32"; a Python warning says so once per worker process."""
-    global _warned_cpu_bf16
+    """bf16 autocast on the run's device: CUDA, and the CPU too (PyTorch's CPU autocast runs convolutions
+    and matrix multiplies in bfloat16, fast on CPUs with AVX512-BF16 or AMX, emulated and slower than
+    fp32 elsewhere). On a device type without bf16 autocast the run trains in fp32 (its results are
+    those of precision = "fp32") and a warning says so once per worker process."""
     if precision != "bf16":
         return contextlib.nullcontext()
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if not _warned_cpu_bf16:
-        _warned_cpu_bf16 = True
-        warnings.warn(f"[train] precision = 'bf16' applies on CUDA only; runs on {device.type} train in fp32 "
-                      f"(their results are those of precision = 'fp32')", RuntimeWarning, stacklevel=3)
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    _warn_once(f"bf16-{device.type}", f"[train] precision = 'bf16' cannot apply on {device.type} (no bf16 autocast "
+               f"there in torch {torch.__version__}); runs train in fp32 (their results are those of "
+               f"precision = 'fp32')")
     return contextlib.nullcontext()
 
 
-def _memory_format(device: torch.device, channels_last: bool):
-    """channels_last (NHWC) on CUDA, where cuDNN's convolutions and tensor cores prefer it; on the CPU
-    runs keep the default layout so that their numbers do not change."""
-    return torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
+def _memory_format(device: torch.device, channels_last: bool, image: bool = True):
+    """channels_last (NHWC) where asked: cuDNN's convolutions and tensor cores prefer it, and oneDNN's CPU
+    convolutions support it too; results equal the default layout's up to float rounding. Inputs that
+    are not images (batch, C, H, W) have no such layout: a warning says the setting does nothing."""
+    if channels_last and not image:
+        _warn_once("channels_last", f"[train] channels_last = true cannot apply on {device.type}: the dataset's "
+                   f"inputs are not images (batch, channels, height, width); runs keep the default layout")
+    return torch.channels_last if channels_last and image else torch.contiguous_format
 
 
 def _to_format(x: torch.Tensor, fmt) -> torch.Tensor:
@@ -184,7 +211,7 @@ def _compiled_model(build, fresh: torch.nn.Module, key: tuple):
                 p.grad = None
             return compiled, module
     _compiled.clear()  # hold one model at most: a worker trains one model kind
-    compiled = torch.compile(fresh, backend=_COMPILE_BACKEND)
+    compiled = torch.compile(fresh, backend=compile_backend(key[3]))
     _compiled["entry"] = (key, fresh, compiled)
     return compiled, fresh
 
@@ -206,7 +233,7 @@ def train_run(build, data: DeviceData, train_idx: np.ndarray, seed: int, train: 
     step is one step of the global batch; a last batch smaller than `world` is skipped by all alike."""
     fast = fast_options(train)
     device = data.x_train.device
-    fmt = _memory_format(device, fast["channels_last"])
+    fmt = _memory_format(device, fast["channels_last"], data.x_train.dim() == 4)
     if fast["augment"] != "none" and data.x_train.dim() != 4:
         raise RunFailed(f"[train] augment = {fast['augment']!r} needs image inputs (channels, height, width); "
                         f"the dataset's inputs have shape {tuple(data.input_shape)}; set augment = 'none'")
@@ -215,7 +242,7 @@ def train_run(build, data: DeviceData, train_idx: np.ndarray, seed: int, train: 
     model = build(data.num_classes, data.input_shape).to(device, memory_format=fmt)
     trained, plain = model, model
     if fast["compile"]:
-        key = (build, data.num_classes, tuple(data.input_shape), str(device), fmt)
+        key = (build, data.num_classes, tuple(data.input_shape), device, fmt)
         trained, plain = _compiled_model(build, model, key)
     rank, world = 0, 1
     if data_parallel is not None:
@@ -237,6 +264,13 @@ def train_run(build, data: DeviceData, train_idx: np.ndarray, seed: int, train: 
     warmup = round(fast["warmup_epochs"] * steps_per_epoch)
     step = 0
     loss = torch.zeros(())
+    # training dynamics (workers/dynamics.py), over the subset's positions; a data-parallel process sees
+    # a share of each batch only, so those runs record none
+    rec = None
+    if "dynamics" in train.get("store", ()) and world == 1:
+        from .dynamics import Recorder
+
+        rec = Recorder(1, y, train["label_smoothing"])
     start = time.perf_counter()
     trained.train()
     for epoch in range(train["epochs"]):
@@ -255,10 +289,14 @@ def train_run(build, data: DeviceData, train_idx: np.ndarray, seed: int, train: 
             with _autocast(device, fast["precision"]):
                 logits = trained(_to_format(xb, fmt))
                 loss = F.cross_entropy(logits.float(), y[batch], label_smoothing=train["label_smoothing"])
+            if rec is not None:
+                rec.batch(logits, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
+        if rec is not None:
+            rec.end_epoch()
         if not torch.isfinite(loss):  # also waits for the device: train_seconds below is real time
             raise RunFailed(f"training loss became {loss.item()} in epoch {epoch + 1}/{train['epochs']}; "
                             f"lower [train] lr (now {train['lr']}) or check the data")
@@ -272,28 +310,36 @@ def train_run(build, data: DeviceData, train_idx: np.ndarray, seed: int, train: 
           "keep_logits": "logits" in train.get("store", ())}
     train_pred, train_values = evaluate(plain, data.x_train, data.y_train, train["eval_batch_size"], **kw)
     test_pred, test_values = evaluate(plain, data.x_test, data.y_test, train["eval_batch_size"], **kw)
-    return RunOutput(train_pred, test_pred, train_values, test_values, train_seconds, float(loss.item()))
+    dynamics = rec.result(0, np.arange(m)) if rec is not None else None
+    return RunOutput(train_pred, test_pred, train_values, test_values, train_seconds, float(loss.item()), dynamics)
+
+
+def batch_scores(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Predicted label, margin (correct-class logit minus the best other) and correct-class probability of
+    float32 logits (..., B, C) for labels y (B,); leading axes (packed models) are kept."""
+    yb = y.expand(*logits.shape[:-1])[..., None]
+    own = logits.gather(-1, yb)[..., 0]
+    others = logits.scatter(-1, yb, float("-inf")).amax(dim=-1)
+    return logits.argmax(dim=-1), own - others, torch.softmax(logits, dim=-1).gather(-1, yb)[..., 0]
 
 
 @torch.no_grad()
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, precision: str = "fp32",
              channels_last: bool = False, keep_logits: bool = False) -> tuple[np.ndarray, dict]:
     """Predicted labels, margins and correct-class probabilities of every example, in eval mode
-    (batch norm and dropout frozen), never augmented; `precision` and `channels_last` as in training
-    (CUDA only), margins and probabilities computed from float32 logits. With keep_logits, also every
+    (batch norm and dropout frozen), never augmented; `precision` and `channels_last` as in training;
+    margins and probabilities computed from float32 logits. With keep_logits, also every
     logit as float16 (n, classes): 2 bytes per class per example, so only when [train] store asks."""
     model.eval()
-    fmt = _memory_format(x.device, channels_last)
+    fmt = _memory_format(x.device, channels_last, x.dim() == 4)
     preds, margins, probs, kept = [], [], [], []
     for s in range(0, len(y), batch_size):
         with _autocast(x.device, precision):
             logits = model(_to_format(x[s:s + batch_size], fmt)).float()
-        yb = y[s:s + batch_size]
-        own = logits.gather(1, yb[:, None])[:, 0]
-        others = logits.scatter(1, yb[:, None], float("-inf")).amax(dim=1)
-        preds.append(logits.argmax(dim=1))
-        margins.append(own - others)
-        probs.append(torch.softmax(logits, dim=1).gather(1, yb[:, None])[:, 0])
+        pred, margin, prob = batch_scores(logits, y[s:s + batch_size])
+        preds.append(pred)
+        margins.append(margin)
+        probs.append(prob)
         if keep_logits:
             kept.append(logits.clamp(-65504, 65504).half().cpu())
     pred = torch.cat(preds).cpu().numpy()

@@ -19,10 +19,15 @@ import numpy as np
 
 from . import shard as shard_format
 from .datasets import Dataset, DatasetError, dataset_fingerprint, load_dataset, resolve
-from .models import ensemble_options, model_factory
+from .errors import LongtailError, PluginError, call_plugin
+from .models import convnet_pack, ensemble_options, model_factory
 from .options import SetupError
 from .results import RunFailed, RunOutput, run_plugin_trainer
 from .storage import StorageError
+
+
+class NoGPUError(LongtailError):
+    """A worker that reserved a GPU finds no CUDA device: it refuses to start rather than train on the CPU."""
 
 
 def library_versions() -> dict:
@@ -78,13 +83,29 @@ class RunWorker:
             from .training import DeviceData
 
             torch.set_num_threads(max(1, threads))
-            device = torch.device(device or ("cuda" if use_gpu and torch.cuda.is_available() else "cpu"))
+            if use_gpu and not torch.cuda.is_available() and (device is None or device.startswith("cuda")):
+                raise NoGPUError(
+                    f"worker on {socket.gethostname()} (pid {os.getpid()}) reserved a GPU ([resources] "
+                    f"gpus_per_worker = {spec['resources']['gpus_per_worker']}) but torch finds no CUDA device "
+                    f"(torch {torch.__version__}, CUDA build {torch.version.cuda}, CUDA_VISIBLE_DEVICES="
+                    f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r}); it refuses to train on the CPU "
+                    f"instead. Check the node's driver with nvidia-smi and that torch is a CUDA build, or set "
+                    f"gpus_per_worker = 0 to train on CPUs")
+            device = torch.device(device or ("cuda" if use_gpu else "cpu"))
             self.device = str(device)
             self.data = DeviceData.from_dataset(dataset, device)
             self.build = model_factory(spec["model"])
         # MLPs whose recipe the vectorized trainer reproduces train several runs in one step
         # (workers/ensemble.py); anything else one at a time
         self.ensemble = None if self.trainer else ensemble_options(spec["model"], spec["train"])
+        # built-in convnets, when packing is on: every run of the campaign (a group of one included)
+        # trains through workers/packed.py, so that its numbers never depend on its pack-mates
+        self.packed = False
+        if self.trainer is None and self.ensemble is None and convnet_pack(spec["model"], spec["train"],
+                                                                           spec["resources"]) > 1:
+            from .packed import fusable
+
+            self.packed = fusable(self.build, dataset.num_classes, dataset.input_shape) == ""
         self.host = socket.gethostname()
         self.node = _node_id()
         self.versions = library_versions()
@@ -111,17 +132,38 @@ class RunWorker:
 
     def run_many(self, calls: list[tuple[int, np.ndarray, int, str]]) -> list[dict]:
         """Several runs (run, packed mask, seed, shard path) in one call: trained together in one
-        vectorized step where the model allows (the builtin MLP), else one after the other."""
-        if len(calls) == 1 or self.ensemble is None:
+        vectorized step where the model allows (the builtin MLP; the builtin convnets when packing is on),
+        else one after the other."""
+        if self.packed:
+            from .packed import pack_groups
+
+            results: list = [None] * len(calls)
+            sizes = [int(self._mask(c[1]).sum()) for c in calls]
+            for group in pack_groups(sizes):  # a pack needs subsets of one size (batch norm)
+                for i, r in zip(group, self._run_packed([calls[i] for i in group])):
+                    results[i] = r
+            return results
+        if self.ensemble is None:
             return [self.run(*c) for c in calls]
+        # one run alone too (a retried suspect, the last of a queue): train_run would give other
+        # float roundings than the ensemble, and a run's shard must not depend on its company
+        return self._run_packed(calls)
+
+    def _run_packed(self, calls: list) -> list[dict]:
+        """Runs trained together: MLPs by workers/ensemble.py, built-in convnets by workers/packed.py."""
         from .ensemble import EnsembleRunFailed, train_runs
 
         start = time.perf_counter()
         masks = [self._mask(c[1]) for c in calls]
         failed: dict[int, str] = {}
         try:
-            outputs = train_runs(self.ensemble, self.data, [np.flatnonzero(m) for m in masks],
-                                 [c[2] for c in calls], self.train)
+            subsets, seeds = [np.flatnonzero(m) for m in masks], [c[2] for c in calls]
+            if self.packed:
+                from .packed import train_packed
+
+                outputs = train_packed(self.build, self.data, subsets, seeds, self.train)
+            else:
+                outputs = train_runs(self.ensemble, self.data, subsets, seeds, self.train)
         except EnsembleRunFailed as e:
             outputs, failed = e.outputs, e.failed
         except Exception as e:
@@ -182,7 +224,8 @@ class RunWorker:
             raise RunFailed(f"[estimates] soft needs {missing} but the learner produced only "
                             f"{sorted(out.train_values) or 'predictions'}")
         table = shard_format.build_table(mask, out.train_pred, out.test_pred, ds.y_train, ds.y_test,
-                                         ds.num_classes, meta, values)
+                                         ds.num_classes, meta, values,
+                                         out.dynamics if "dynamics" in self.train["store"] else None)
         if self.direct:
             shard_format.write_shard(shard_path, table)
         else:
@@ -199,7 +242,18 @@ def preflight(spec: dict, dataset: Dataset) -> None:
         return
     import torch
 
-    model = model_factory(spec["model"])(dataset.num_classes, dataset.input_shape)
+    name = spec["model"]["name"]
+    build = model_factory(spec["model"])
+    if ":" in name:  # a user's factory: its exception is the plug-in's
+        model = call_plugin("model factory", name, build, dataset.num_classes, dataset.input_shape)
+    else:
+        try:
+            model = build(dataset.num_classes, dataset.input_shape)
+        except ValueError as e:  # a built-in that does not fit the data (e.g. cnn on flat inputs)
+            raise SetupError(f"model {name!r} does not fit dataset {spec['dataset']['name']!r}: {e}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise PluginError(f"model factory {name!r} returned {type(model).__name__}; expected a torch.nn.Module "
+                          f"(docs/plugins.md)")
     x = torch.as_tensor(np.array(dataset.x_train[:2]))
     try:
         with torch.no_grad():

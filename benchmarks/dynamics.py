@@ -1,0 +1,91 @@
+"""What recording training dynamics ([train] store = [..., "dynamics"]) costs, measured side by side.
+
+    .venv/bin/python benchmarks/dynamics.py [--k 16] [--repeats 5] [--threads 1] [--device cpu]
+
+The demo recipe on digits (MLP 64-128-10, 20 epochs, batch 128, SGD, 70% fixed subsets). Alone: K
+train_run calls without and K with dynamics; packed: one train_runs call of K without and one with. The
+two variants are timed back to back for every call, in alternating order (so drifts in machine load hit
+both alike), and the overhead is the median of the per-pair ratios. Time is this
+thread's CPU time over the whole call (time.thread_time: torch runs on this one thread at --threads 1,
+and CPU time is far less disturbed than wall time by other processes on a shared machine; on a GPU use
+wall time, --wall). It includes the evaluation of every example (about 2% of a demo run), which the
+dynamics do not touch. Goal: <= 5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from workers.datasets import load_dataset
+from workers.ensemble import train_runs
+from workers.models import model_factory
+from workers.training import DeviceData, train_run
+
+MODEL = {"name": "mlp", "hidden": [128]}
+TRAIN = dict(epochs=20, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
+             schedule="constant", label_smoothing=0.0, eval_batch_size=4096)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--k", type=int, default=16, help="runs per measurement")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--wall", action="store_true", help="wall time (with a device sync) instead of CPU time")
+    a = ap.parse_args()
+    clock = time.perf_counter if a.wall else time.thread_time
+    torch.set_num_threads(a.threads)
+    data = load_dataset({"name": "digits", "test_fraction": 0.2, "split_seed": 0})
+    dd = DeviceData.from_dataset(data, torch.device(a.device))
+    rng = np.random.default_rng(0)
+    subsets = [np.sort(rng.choice(data.n_train, round(0.7 * data.n_train), replace=False)) for _ in range(a.k)]
+    seeds = list(range(a.k))
+    build = model_factory(MODEL)
+    variants = {"off": {**TRAIN, "store": ["margin"]}, "on": {**TRAIN, "store": ["margin", "dynamics"]}}
+
+    def timed(call):
+        def run(train):
+            start = clock()
+            call(train)
+            if a.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            return clock() - start
+        return run
+
+    def alone(train, k):  # one run: the k-th subset and seed
+        return timed(lambda t: train_run(build, dd, subsets[k], seeds[k], t))(train)
+
+    def packed(train, k):  # one call of all K runs (k unused)
+        return timed(lambda t: train_runs(MODEL, dd, subsets, seeds, t))(train)
+
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {a.threads} thread(s), "
+          f"device {a.device}; {a.k} runs, {a.repeats} repetitions, {'wall' if a.wall else 'CPU'} time")
+    for name, fn, calls in (("alone", alone, a.k), ("packed", packed, 1)):
+        fn(variants["off"], 0), fn(variants["on"], 0)  # warm-up
+        ratios, totals = [], {"off": [], "on": []}
+        for r in range(a.repeats):
+            t = {"off": 0.0, "on": 0.0}
+            for k in range(calls):  # each call timed without and with, back to back, in alternating order
+                pair = {}
+                for v in (("off", "on") if (r + k) % 2 == 0 else ("on", "off")):
+                    pair[v] = fn(variants[v], k)
+                    t[v] += pair[v]
+                ratios.append(pair["on"] / pair["off"])
+            for v in t:
+                totals[v].append(t[v])
+        q = np.quantile(ratios, [0.25, 0.5, 0.75])
+        print(f"{name:>6}: {a.k} runs without dynamics {statistics.median(totals['off']):.3f} s, with "
+              f"{statistics.median(totals['on']):.3f} s (medians of {a.repeats}); overhead, median of {len(ratios)} "
+              f"back-to-back pairs: {100 * (q[1] - 1):+.1f}% "
+              f"(quartiles {100 * (q[0] - 1):+.1f}%, {100 * (q[2] - 1):+.1f}%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""At the paper's scale: the fold and the influence selection at a CIFAR-100 shape (50,000 x 10,000) with
+synthetic outcomes, side by side with the GEMM time of the same shapes, and the driver's shard rate.
+
+Outcomes are drawn with known probabilities from a real bit-packed plan (orchestrator.plan, design
+"fixed", ratio 0.7): test example j is right with probability p_j in every run, except for `planted`
+test examples, each tied to one training example i: right with probability 0.95 when i was trained
+on and 0.35 otherwise (true influence 0.6). The split halves' pairs are sought among a random
+10% of the training examples (as if memorized). Recovered = the planted i is the top-1 influencer of j
+and (i, j) is among the pairs >= 0.15.
+
+--slice N measures only the first N training examples (every test example, every run) and
+extrapolates to n_train linearly (every phase is linear in the training examples); the printout
+says which figures are measured and which extrapolated.
+
+    python benchmarks/scale.py --runs 200                       # CIFAR-100 shape, measured whole
+    python benchmarks/scale.py --runs 4000 --slice 2500         # 4,000 runs on a measured slice
+    python benchmarks/scale.py --n-train 1281167 --n-test 50000 --runs 2000 --slice 2500   # ImageNet
+    python benchmarks/scale.py --shards 40                      # + write 40 real shards, time reading them
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from estimators import influence as inf
+from estimators import stats as st
+from orchestrator.plan import Plan, make_plan
+
+
+class Clock:
+    """Wall and CPU seconds of a phase. On a shared machine the wall time follows the load; the CPU time
+    (this process, all threads) is what the phase costs, and CPU / threads is its wall time alone."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cached_plan(cache: str, seed: int, n_train: int, runs: int):
+    path = Path(cache) / f"plan-{seed}-{n_train}-{runs}.npy" if cache else None
+    if path is not None and path.exists():
+        masks = np.load(path, allow_pickle=False)
+        return Plan("fixed", seed, n_train, (0.7,), masks, np.arange(runs, dtype=np.int64),
+                    np.zeros(runs, np.int8))
+    plan = make_plan("fixed", seed, n_train, (0.7,), runs)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, plan.masks, allow_pickle=False)
+    return plan
+
+
+def outcomes(plan, n_train: int, n_test: int, runs: int, planted: int, seed: int):
+    rng = np.random.default_rng(seed)
+    p = rng.uniform(0.2, 0.9, n_test)
+    x = rng.random((runs, n_test)) < p[None, :]
+    tests = rng.choice(n_test, planted, replace=False)
+    trains = rng.choice(n_train, planted, replace=False)
+    m = plan.columns(np.arange(runs), trains)
+    u = rng.random((runs, planted))
+    x[:, tests] = np.where(m, u < 0.95, u < 0.35)
+    return x, trains, tests
+
+
+def gemm_seconds(mask_columns, out: inf.Outcomes, n_train: int, halves: inf.Halves, budget: float) -> Clock:
+    """The GEMMs of one top-k pass with split halves, alone, at the same tile shapes: the whole's in-sums
+    of every tile, and each half's for the training examples whose pairs it wants."""
+    rows, cols = inf.tile_shape(n_train, out.x.shape[1], budget, inf.TOPK_BYTES_PER_CELL)
+    groups = [np.flatnonzero(halves.half == h) for h in range(2)]
+    xs = [np.asarray(out.x[g], np.float32) for g in groups]
+    xt = out.x.T
+    clock = Clock().__enter__()
+    for r0 in range(0, n_train, rows):
+        ids = np.arange(r0, min(r0 + rows, n_train))
+        m = mask_columns(ids).astype(np.float32)
+        mh = [np.ascontiguousarray(m[np.ix_(g, np.flatnonzero(halves.rows[h][ids]))]) for h, g in enumerate(groups)]
+        for c0 in range(0, out.x.shape[1], cols):
+            c = slice(c0, c0 + cols)
+            _ = xt[c] @ m
+            _ = xs[0].T[c] @ mh[0]
+            _ = xs[1].T[c] @ mh[1]
+    clock.__exit__()
+    return clock
+
+
+def class_gemm_seconds(mask_columns, out: inf.Outcomes, labels_tr, labels_te, budget: float) -> Clock:
+    """The GEMMs of the per-class mode alone (one per class and tile)."""
+    xt = np.ascontiguousarray(out.x.T)
+    with Clock() as clock:
+        for k in np.unique(labels_tr):
+            tr, te = np.flatnonzero(labels_tr == k), np.flatnonzero(labels_te == k)
+            for rows, cols in inf.tiles(len(tr), len(te), budget):
+                _ = mask_columns(tr[rows]).astype(np.float32).T @ xt[te[cols]].T
+    return clock
+
+
+def shard_rate(n_train: int, n_test: int, shards: int, seed: int) -> dict:
+    """Write `shards` real shards of n_train + n_test rows, then read, verify and fold them as the
+    driver does (top-k mode: no dense sums)."""
+    from workers.shard import build_table, read_shard, write_shard
+
+    rng = np.random.default_rng(seed)
+    plan = make_plan("fixed", seed, n_train, (0.7,), shards)
+    y_tr, y_te = rng.integers(0, 100, n_train), rng.integers(0, 100, n_test)
+    with tempfile.TemporaryDirectory() as d:
+        paths = [Path(d) / f"run-{r:06d}.parquet" for r in range(shards)]
+        for r, path in enumerate(paths):
+            m = plan.mask(r)
+            tr = np.where(rng.random(n_train) < 0.8, y_tr, (y_tr + 1) % 100)
+            te = np.where(rng.random(n_test) < 0.5, y_te, (y_te + 1) % 100)
+            write_shard(path, build_table(m, tr, te, y_tr, y_te, 100, {"campaign": "scale", "spec_hash": "h",
+                                                                         "run": r, "n_train": n_train,
+                                                                         "n_test": n_test}))
+        stats = st.zeros(n_train, n_test, dense=False)
+        bits = np.zeros((shards, (n_test + 7) // 8), np.uint8)
+        clock = Clock().__enter__()
+        block = []
+        for r, path in enumerate(paths):
+            data = read_shard(path, campaign="scale", spec_hash="h", run=r, n_train=n_train, n_test=n_test,
+                              mask=plan.mask(r))
+            bits[r] = np.packbits(data.test_correct)
+            block.append(data)
+            if len(block) == 64 or r == shards - 1:
+                st.fold(stats, np.stack([b.mask for b in block]), {"correct": np.stack([b.train_correct for b in block])},
+                        {"correct": np.stack([b.test_correct for b in block])})
+                block = []
+        clock.__exit__()
+    return {"shards": shards, "wall": clock.wall, "cpu": clock.cpu}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-train", type=int, default=50_000)
+    ap.add_argument("--n-test", type=int, default=10_000)
+    ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--slice", type=int, default=0, help="measure this many training examples, extrapolate")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--planted", type=int, default=200)
+    ap.add_argument("--budget-gb", type=float, default=1.0, help="tile memory ([estimates] memory_gb / 2)")
+    ap.add_argument("--shards", type=int, default=0, help="also time reading, verifying and folding real shards")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", default="", help="directory to keep the plan in between runs (it takes minutes "
+                    "at the ImageNet shape)")
+    a = ap.parse_args()
+    budget = a.budget_gb * 1e9
+    n = a.slice or a.n_train
+    scale = a.n_train / n
+    t0 = time.perf_counter()
+    plan = cached_plan(a.cache, a.seed, a.n_train, a.runs)
+    t_plan = time.perf_counter() - t0
+    x, trains, tests = outcomes(plan, n, a.n_test, a.runs, a.planted, a.seed)  # planted within the slice
+    runs = np.arange(a.runs)
+    mask_columns = lambda idx: plan.columns(runs, idx)  # noqa: E731
+    out = inf.Outcomes(x, binary=True)
+    halves = runs % 2
+    # the halves' pairs are wanted for the examples memorized in each half: 10% of them here (the
+    # 200-run CIFAR-shape campaign of docs/performance.md has fewer)
+    rows = tuple(np.random.default_rng(a.seed + h).random(n) < 0.1 for h in range(2))
+    with Clock() as t_counts:
+        n_in = inf.counts_in(mask_columns, n, a.runs, budget)[0]
+    split = inf.Halves(half=halves, rows=rows, threshold=0.15)
+    t_gemm = gemm_seconds(mask_columns, out, n, split, budget)
+    with Clock() as t_topk:
+        top = inf.top_k(mask_columns, out, n, a.k, 0.15, budget, n_in=n_in, halves=split)
+    got = set(zip(top.pairs_train.tolist(), top.pairs_test.tolist()))
+    recovered = sum(int(top.train[j, 0] == i and (i, j) in got) for i, j in zip(trains, tests))
+    labels_tr = np.random.default_rng(1).integers(0, 100, n)
+    labels_te = np.random.default_rng(2).integers(0, 100, a.n_test)
+    with Clock() as t_pc:
+        blocks = inf.per_class(mask_columns, out, labels_tr, labels_te, budget, 0.15)
+    del blocks
+    t_pc_gemm = class_gemm_seconds(mask_columns, out, labels_tr, labels_te, budget)
+    flops = 2.0 * a.runs * n * a.n_test
+    what = "measured" if scale == 1 else f"measured on {n:,} of {a.n_train:,} training examples, x {scale:.1f}"
+    print(f"shape {a.n_train:,} x {a.n_test:,} x {a.runs:,} runs; {what}; tiles of {a.budget_gb:g} GB; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"  plan (bit-packed, whole)     {t_plan:8.2f} s wall{' (from the cache)' if a.cache else ''}")
+    print(f"  {'phase':28s} {'wall s':>8s} {'CPU s':>8s}" + ("" if scale == 1 else f" {'CPU s, whole':>13s}"))
+    for name, c in (("n_in counts", t_counts), ("GEMMs of the pass (halves)", t_gemm),
+                    ("top-k + pairs + halves", t_topk), ("per-class (100 classes)", t_pc),
+                    ("GEMMs of per-class", t_pc_gemm)):
+        ext = "" if scale == 1 else f" {c.cpu * scale:13.1f}"
+        print(f"  {name:28s} {c.wall:8.2f} {c.cpu:8.2f}{ext}")
+    print(f"  selection pass / its GEMMs   {t_topk.wall / t_gemm.wall:8.2f} wall, {t_topk.cpu / t_gemm.cpu:.2f} CPU  "
+          f"({flops / t_gemm.cpu / 1e9:.0f} GFLOP per CPU second in the GEMMs)")
+    print(f"  per-class / its GEMMs        {t_pc.wall / t_pc_gemm.wall:8.2f} wall, {t_pc.cpu / t_pc_gemm.cpu:.2f} CPU")
+    print(f"  pairs >= 0.15: {len(top.pairs_train):,} (halves {len(top.half_pairs[0][0]):,}, "
+          f"{len(top.half_pairs[1][0]):,}); planted influences recovered: {recovered} of {a.planted}")
+    print(f"  peak memory {peak_mb():.0f} MB")
+    if a.shards:
+        r = shard_rate(a.n_train, a.n_test, a.shards, a.seed)
+        print(f"  shards read + verified + folded: {r['shards']} in {r['wall']:.2f} s wall, {r['cpu']:.2f} s CPU = "
+              f"{r['shards'] / r['wall']:.0f} shards/s wall, {r['shards'] / r['cpu']:.0f} per CPU second")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""An embedded campaign as a Ray job: `longtail run` without --address.
+
+The Ray dashboard shows a driver's log only for jobs submitted through the job API ("Driver logs
+are only available when submitting jobs via the Job Submission API"), so an embedded campaign does
+what a submitted one does: this process starts a local head (without connecting to it as a driver,
+so that the Jobs page lists one job, the campaign's), submits `longtail resume DIR` to it as a job,
+and prints the job's log here as it grows. The campaign's progress lines are then on the terminal
+and on the dashboard's job page alike. Ctrl-C (or SIGTERM) stops the job, which saves the fold as
+an interrupted in-process run does; the head goes down with this process.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shlex
+import sys
+import threading
+import time
+
+from . import dashboard
+from .campaign import Campaign
+
+INTERRUPTED = 130
+
+
+def wanted(address: str | None) -> bool:
+    """True where a campaign would start its own Ray: no address, not inside a Ray job, and no Ray
+    already initialized in this process (tests that share one Ray session keep running in-process)."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return False
+    ray = sys.modules.get("ray")
+    return not (ray is not None and ray.is_initialized())
+
+
+def start_head(num_cpus: int | None, dashboard_host: str, dashboard_port: int):
+    """Start the embedded head the way ray.init() does (token authentication on by default, the token
+    written to ~/.ray/auth_token if there is none), but without joining it as a driver."""
+    from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
+    from ray._private.node import Node
+    from ray._private.parameter import RayParams
+
+    from .driver import quiet_token_auth
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet_token_auth()  # Ray's default (token on), without its warning on every command
+    ensure_token_if_auth_enabled(None, create_token_if_missing=True)
+    params = RayParams(num_cpus=num_cpus, include_dashboard=True, dashboard_host=dashboard_host,
+                       dashboard_port=dashboard_port, dashboard_agent_listen_port=_agent_port())
+    # shutdown_at_exit: the head's processes end with this one; the reaper covers a SIGKILL
+    return Node(params, head=True, shutdown_at_exit=True, spawn_reaper=True)
+
+
+def _agent_port(default: int = 52365) -> int:
+    """The dashboard sends job submissions to the job agent on this port. Ray's default (52365) taken by
+    another Ray on this machine sends them to that Ray's agent, so that the campaign would run on the
+    other cluster (measured): take a free port then."""
+    import socket
+
+    with socket.socket() as s:
+        try:  # the agent listens on loopback and the node's address: test the wildcard, which clashes with both
+            s.bind(("", default))
+            return default
+        except OSError:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+
+def entrypoint(campaign: Campaign, progress: bool, top: int, gcs_address: str) -> str:
+    """The job's command: resume the (already created) campaign with this interpreter, from this
+    directory, so that relative paths and the user's plug-ins resolve as they would here.
+
+    It names the head's address itself: Ray's job supervisor gives the driver the cluster recorded in
+    <temp dir>/ray_current_cluster, which only `ray start` writes, or else *any* Ray found running on
+    the machine (measured: with another Ray on the machine the campaign's driver joined that one)."""
+    cmd = [sys.executable, "-m", "orchestrator.cli", "resume", str(campaign.paths.root), "--top", str(top),
+           "--progress" if progress else "--no-progress"]
+    return (f"cd {shlex.quote(os.getcwd())} && RAY_ADDRESS={shlex.quote(gcs_address)} exec "
+            + " ".join(shlex.quote(c) for c in cmd))
+
+
+def run_as_job(campaign: Campaign, progress: bool, top: int, dashboard_host: str, dashboard_port: int,
+               say) -> int:
+    """Run the campaign as a job on an embedded head; returns the exit status of its driver."""
+    from . import jobs
+    from .driver import warn_if_exposed
+
+    warn_if_exposed(dashboard_host, say)
+    node = start_head(campaign.spec.resources.local_cpus or None, dashboard_host, dashboard_port)
+    try:
+        url = f"http://{node.webui_url}"
+        path = os.pathsep.join(dict.fromkeys([os.getcwd()] + [p for p in sys.path if p]))
+        submission_id = jobs.submit_entrypoint(
+            url, entrypoint(campaign, progress, top, node.gcs_address), f"longtail-{campaign.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            env={"PYTHONPATH": path},
+            metadata={"longtail_campaign": campaign.name, "longtail_out": str(campaign.paths.root)})
+        for line in dashboard.where_to_look(url, submission_id, campaign.name):
+            say(line)
+        return follow(url, submission_id, say)
+    finally:
+        node.kill_all_processes(check_alive=False, allow_graceful=True)
+
+
+def follow(url: str, submission_id: str, say, stop_wait: float = 120.0) -> int:
+    """Print the job's log (stdout and stderr of its driver, merged: on stderr, where the driver's
+    messages go in-process) until it ends; on Ctrl-C stop the job (its driver saves the fold) and go
+    on printing until it has ended. Returns the driver's exit status.
+
+    The log is read in a thread: a Ctrl-C that lands inside the job client's asyncio stream would
+    leave it half-consumed (and Python prints a traceback when it collects it)."""
+    from . import jobs
+
+    chunks: queue.Queue = queue.Queue()
+
+    def pump():
+        try:
+            for chunk in jobs.follow(url, submission_id):
+                chunks.put(chunk)
+        except Exception as e:  # noqa: BLE001 - handed to the main thread, which raises it
+            chunks.put(e)
+        chunks.put(None)
+
+    threading.Thread(target=pump, name="job-log", daemon=True).start()
+    interrupted, deadline = False, float("inf")
+    while time.monotonic() < deadline:
+        try:
+            item = chunks.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        except KeyboardInterrupt:
+            if interrupted:
+                raise
+            interrupted, deadline = True, time.monotonic() + stop_wait
+            say(f"stopping job {submission_id}: the campaign saves what it folded (Ctrl-C again to quit at once)")
+            jobs.stop_nowait(url, submission_id)
+            continue
+        if item is None:
+            break
+        if isinstance(item, Exception):
+            raise item
+        sys.stderr.write(item)
+        sys.stderr.flush()
+    info = jobs.info(url, submission_id)
+    code = getattr(info, "driver_exit_code", None)
+    if interrupted or _status(info) == "STOPPED":  # stopped here, by `ray job stop` or on the dashboard
+        return INTERRUPTED
+    if code is None:
+        return 0 if _status(info) == "SUCCEEDED" else 1
+    return int(code)
+
+
+def _status(info) -> str:
+    return str(getattr(info.status, "value", info.status))
