@@ -134,16 +134,25 @@ def _run(spec: specs.Spec | None, out: str, address: str | None, progress: bool,
     from .campaign import create_or_open
     from .driver import check_ray_address, run_campaign
 
-    started = time.monotonic()
+    # the command's start; a campaign run as a job on an embedded head counts from the `longtail run`
+    # that started the head (embedded.STARTED_AT), so that "in all" covers the head's start-up too
+    started_at = float(os.environ.get(embedded.STARTED_AT) or time.time())
+    started = time.monotonic() - max(0.0, time.time() - started_at)
     _stop_on_sigterm()
+
+    def say(msg: str) -> None:
+        click.echo(f"longtail: {msg}", err=True)
+
     if address:
         check_ray_address(address)  # before the campaign directory is created
+    as_job = as_job and embedded.wanted(address)  # the dashboard shows a job's driver log, with the progress
+    if as_job:  # likewise: a port in use is refused before anything is written
+        dashboard_port = embedded.free_dashboard_port(dashboard_host, dashboard_port, say)
     campaign = create_or_open(spec, out)
     for note in campaign.notes:
-        click.echo(f"longtail: {note}", err=True)
-    if as_job and embedded.wanted(address):  # the dashboard shows a job's driver log, with the progress
-        sys.exit(embedded.run_as_job(campaign, progress, top, dashboard_host, dashboard_port,
-                                     lambda msg: click.echo(f"longtail: {msg}", err=True)))
+        say(note)
+    if as_job:
+        sys.exit(embedded.run_as_job(campaign, progress, top, dashboard_host, dashboard_port, say, started_at))
     report = run_campaign(campaign, address=address, progress=progress, dashboard_host=dashboard_host)
     report.seconds = time.monotonic() - started  # the command's wall time: dataset, checks and estimates too
     _print_result(campaign.paths, report.summary, top, report)

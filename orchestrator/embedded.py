@@ -12,16 +12,22 @@ an interrupted in-process run does; the head goes down with this process.
 from __future__ import annotations
 
 import os
+import logging
 import queue
+import re
 import shlex
+import socket
 import sys
 import threading
 import time
+
+from workers.errors import LongtailError
 
 from . import dashboard
 from .campaign import Campaign
 
 INTERRUPTED = 130
+STARTED_AT = "LONGTAIL_STARTED_AT"  # the embedding command's start (time.time()), for the job's "in all"
 
 
 def wanted(address: str | None) -> bool:
@@ -55,8 +61,6 @@ def _agent_port(default: int = 52365) -> int:
     """The dashboard sends job submissions to the job agent on this port. Ray's default (52365) taken by
     another Ray on this machine sends them to that Ray's agent, so that the campaign would run on the
     other cluster (measured): take a free port then."""
-    import socket
-
     with socket.socket() as s:
         try:  # the agent listens on loopback and the node's address: test the wildcard, which clashes with both
             s.bind(("", default))
@@ -64,6 +68,28 @@ def _agent_port(default: int = 52365) -> int:
         except OSError:
             s.bind(("", 0))
             return s.getsockname()[1]
+
+
+DEFAULT_DASHBOARD_PORT = 8265
+
+
+def free_dashboard_port(host: str, port: int, say) -> int:
+    """The dashboard's port: the one asked for when it is free; Ray's default taken (another campaign or
+    another Ray on this machine) gives a free one instead, said aloud; another port taken is a user error."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return port
+        except OSError:
+            if port != DEFAULT_DASHBOARD_PORT:
+                raise LongtailError(
+                    f"--dashboard-port {port}: expected a free port on {host}, found it in use; pick another "
+                    f"(or leave the option out: a free port is then chosen)") from None
+    with socket.socket() as s:
+        s.bind((host, 0))
+        free = s.getsockname()[1]
+    say(f"port {port} is in use (another Ray on this machine?): the dashboard gets port {free}")
+    return free
 
 
 def entrypoint(campaign: Campaign, progress: bool, top: int, gcs_address: str) -> str:
@@ -80,8 +106,10 @@ def entrypoint(campaign: Campaign, progress: bool, top: int, gcs_address: str) -
 
 
 def run_as_job(campaign: Campaign, progress: bool, top: int, dashboard_host: str, dashboard_port: int,
-               say) -> int:
-    """Run the campaign as a job on an embedded head; returns the exit status of its driver."""
+               say, started_at: float | None = None) -> int:
+    """Run the campaign as a job on an embedded head; returns the exit status of its driver.
+    started_at: when the command began (time.time()), so that the job's "in all" is the command's."""
+    started_at = time.time() if started_at is None else started_at
     from . import jobs
     from .driver import warn_if_exposed
 
@@ -92,13 +120,17 @@ def run_as_job(campaign: Campaign, progress: bool, top: int, dashboard_host: str
         path = os.pathsep.join(dict.fromkeys([os.getcwd()] + [p for p in sys.path if p]))
         submission_id = jobs.submit_entrypoint(
             url, entrypoint(campaign, progress, top, node.gcs_address), f"longtail-{campaign.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            env={"PYTHONPATH": path},
+            env={"PYTHONPATH": path, STARTED_AT: repr(started_at)},
             metadata={"longtail_campaign": campaign.name, "longtail_out": str(campaign.paths.root)})
         for line in dashboard.where_to_look(url, submission_id, campaign.name):
             say(line)
-        return follow(url, submission_id, say)
+        code = follow(url, submission_id, say)
     finally:
         node.kill_all_processes(check_alive=False, allow_graceful=True)
+    # the job's "in all" was printed before the head went down: the whole command, said last
+    say(f"{time.time() - started_at:.1f} s in all for this command, the embedded Ray head's start and shutdown "
+        f"included")
+    return code
 
 
 def follow(url: str, submission_id: str, say, stop_wait: float = 120.0) -> int:
@@ -110,6 +142,8 @@ def follow(url: str, submission_id: str, say, stop_wait: float = 120.0) -> int:
     leave it half-consumed (and Python prints a traceback when it collects it)."""
     from . import jobs
 
+    # the job client logs "WebSocket closed ..." at INFO when the log ends: noise on a user's terminal
+    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)
     chunks: queue.Queue = queue.Queue()
 
     def pump():
@@ -138,7 +172,7 @@ def follow(url: str, submission_id: str, say, stop_wait: float = 120.0) -> int:
             break
         if isinstance(item, Exception):
             raise item
-        sys.stderr.write(item)
+        sys.stderr.write(_without_ray_chatter(item))
         sys.stderr.flush()
     info = jobs.info(url, submission_id)
     code = getattr(info, "driver_exit_code", None)
@@ -147,6 +181,15 @@ def follow(url: str, submission_id: str, say, stop_wait: float = 120.0) -> int:
     if code is None:
         return 0 if _status(info) == "SUCCEEDED" else 1
     return int(code)
+
+
+# Ray's job manager writes its own INFO lines into the job's log ("Runtime env is setting up."): not the
+# campaign's, and on the terminal they read as if longtail logged them. The dashboard keeps them.
+_RAY_INFO = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+\s+INFO \w+\.py:\d+ -- ")
+
+
+def _without_ray_chatter(chunk: str) -> str:
+    return "".join(line for line in chunk.splitlines(keepends=True) if not _RAY_INFO.match(line))
 
 
 def _status(info) -> str:

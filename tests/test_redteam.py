@@ -447,3 +447,22 @@ def test_13_the_job_finds_a_python_with_longtail(tmp_path):
     p = subprocess.run(["sh", "-c", job_entrypoint("--help")], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0 and "Usage:" in p.stdout and "resume" in p.stdout, p.stdout + p.stderr
+
+
+def test_a_dashboard_port_in_use_is_one_line_and_writes_nothing(tmp_path):
+    """An explicit --dashboard-port that is taken (another Ray, another campaign): Ray's own ValueError
+    traceback before; now one line, exit 2, no campaign directory. (Ray's default port taken gives a free
+    one instead: run as a subprocess, since this process may hold the tests' Ray session.)"""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(spec_file(tmp_path)), "--out",
+                            str(tmp_path / "c"), "--dashboard-port", str(port)], capture_output=True, text=True,
+                           timeout=120, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+                           cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"--dashboard-port {port}" in errors[0] and "in use" in errors[0], r.stderr
+    assert not (tmp_path / "c").exists()
