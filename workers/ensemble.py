@@ -243,9 +243,18 @@ def train_runs(options: dict, data: DeviceData, train_indices: list[np.ndarray],
     train_seconds = (time.perf_counter() - start) / K
     final_loss = epoch_losses[last_step].cpu().numpy()
 
-    outputs: list = [None] * K
     train_out = _evaluate_all(params, x_all, data.y_train, train["eval_batch_size"])
     test_out = _evaluate_all(params, data.x_test.reshape(len(data.x_test), -1), data.y_test, train["eval_batch_size"])
+    return pack_outputs(train_out, test_out, alive, failed, seeds, train_seconds, final_loss, rec, train_indices)
+
+
+def pack_outputs(train_out, test_out, alive, failed: dict[int, str], seeds, train_seconds: float, losses, rec,
+                 train_indices) -> list:
+    """The RunOutputs of K runs trained together, from their evaluations (pred, margin, probability), each
+    (K, n); a run with NaN or infinite logits joins `failed`, and any failure raises EnsembleRunFailed with
+    the others' outputs. Shared by the packed MLPs here and the packed convnets (workers/packed.py)."""
+    K = len(alive)
+    outputs: list = [None] * K
     for k in np.flatnonzero(alive):
         (tr_pred, tr_margin, tr_prob), (te_pred, te_margin, te_prob) = (
             [a[k] for a in train_out], [a[k] for a in test_out])
@@ -253,7 +262,7 @@ def train_runs(options: dict, data: DeviceData, train_indices: list[np.ndarray],
             failed[k] = f"run with seed {seeds[k]}: evaluation produced NaN or infinite logits"
             continue
         outputs[k] = RunOutput(tr_pred, te_pred, {"margin": tr_margin, "probability": tr_prob},
-                               {"margin": te_margin, "probability": te_prob}, train_seconds, float(final_loss[k]),
+                               {"margin": te_margin, "probability": te_prob}, train_seconds, float(losses[k]),
                                None if rec is None else rec.result(k, train_indices[k]))
     if failed:
         raise EnsembleRunFailed(f"{len(failed)} of {K} runs failed ({'; '.join(failed[k] for k in sorted(failed))}); "

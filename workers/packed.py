@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .ensemble import EnsembleRunFailed
+from .ensemble import EnsembleRunFailed, pack_outputs
 from .results import RunFailed, RunOutput
 from .training import (DeviceData, _augment_generator, _autocast, _lr_factor, augment_batch, batch_scores,
                        fast_options)
@@ -383,19 +383,7 @@ def train_packed(build, data: DeviceData, train_indices: list[np.ndarray], seeds
     fused.eval()
     scores = [_evaluate_packed(fused, x, y, train["eval_batch_size"], fast["precision"])
               for x, y in ((data.x_train, data.y_train), (data.x_test, data.y_test))]
-    outputs: list = [None] * K
-    for k in np.flatnonzero(alive):
-        (tr_pred, tr_margin, tr_prob), (te_pred, te_margin, te_prob) = ([a[k] for a in s] for s in scores)
-        if not (np.isfinite(tr_margin).all() and np.isfinite(te_margin).all()):
-            failed[k] = f"run with seed {seeds[k]}: evaluation produced NaN or infinite logits"
-            continue
-        outputs[k] = RunOutput(tr_pred, te_pred, {"margin": tr_margin, "probability": tr_prob},
-                               {"margin": te_margin, "probability": te_prob}, train_seconds, float(losses[k]),
-                               None if rec is None else rec.result(k, train_indices[k]))
-    if failed:
-        raise EnsembleRunFailed(f"{len(failed)} of {K} runs failed ({'; '.join(failed[k] for k in sorted(failed))}); "
-                                f"the other runs finished and are in .outputs", failed, outputs)
-    return outputs
+    return pack_outputs(*scores, alive, failed, seeds, train_seconds, losses, rec, train_indices)
 
 
 def _slice(t: torch.Tensor, k: int, K: int) -> torch.Tensor:
