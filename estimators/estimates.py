@@ -189,7 +189,7 @@ def high_influence_pairs(mem: np.ndarray, infl: np.ndarray, train_labels: np.nda
     y_i == y'_j. Sorted by decreasing influence. NaN estimates never pass a threshold.
 
     `memorized` (bool per training example) and `counts` make both decisions exact for a 0/1 target
-    (rational.memorized, rational.at_least); without them the floats decide."""
+    (memorized, rational.at_least); without them the floats decide."""
     rows = np.flatnonzero(mem >= mem_threshold if memorized is None else memorized)
     sub = infl[rows]
     keep = sub >= (infl_threshold if counts is None else infl_threshold - _CANDIDATE_MARGIN)
@@ -218,7 +218,7 @@ def filter_pairs(pairs: Pairs, mem: np.ndarray, train_labels: np.ndarray, test_l
     """The paper's selection applied to candidate pairs (e.g. all pairs above a lower threshold).
 
     infl_threshold None: the candidates were already decided exactly (influence.top_k, per_class);
-    `memorized` (bool per training example, rational.memorized) decides the memorization exactly."""
+    `memorized` (bool per training example, memorized) decides the memorization exactly."""
     keep = mem[pairs.train] >= mem_threshold if memorized is None else memorized[pairs.train]
     if infl_threshold is not None:
         keep &= pairs.infl >= infl_threshold
@@ -263,3 +263,13 @@ def share_at_target(se: np.ndarray, target_se: float) -> float:
     """Share of defined estimates whose standard error is at most `target_se`."""
     defined = np.isfinite(se)
     return float((se[defined] <= target_se).mean()) if defined.any() else 0.0
+
+
+def memorized(stats, threshold: float, target: str = "correct") -> np.ndarray:
+    """mem(i) >= threshold for every training example, decided exactly on the counts of `stats`
+    (an estimators.stats.Stats); for a soft target, on the float64 estimate."""
+    s = stats.targets[target]
+    if s.binary:
+        return rational.at_least(s.train_in, stats.n_in, s.train, stats.runs, threshold)
+    with np.errstate(invalid="ignore"):
+        return memorization(stats, target).mem >= threshold

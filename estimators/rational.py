@@ -72,15 +72,3 @@ def order_key(a, n, total, runs: int) -> np.ndarray:
     out = np.full(np.broadcast(a, n, total).shape, np.nan)
     np.divide(a * runs - n * total, den, out=out, where=den > 0)
     return out
-
-
-def memorized(stats, threshold: float, target: str = "correct") -> np.ndarray:
-    """mem(i) >= threshold for every training example, decided exactly on the counts of `stats`
-    (an estimators.stats.Stats); for a soft target, on the float64 estimate."""
-    s = stats.targets[target]
-    if s.binary:
-        return at_least(s.train_in, stats.n_in, s.train, stats.runs, threshold)
-    from .estimates import memorization
-
-    with np.errstate(invalid="ignore"):
-        return memorization(stats, target).mem >= threshold

@@ -17,10 +17,14 @@ import numpy as np
 from estimators import estimates as est
 from estimators import privacy as pv
 from estimators import stats as st
+from workers.datasets import Dataset, dataset_fingerprint
 from workers.shard import ShardData, ShardError, read_shard
 from workers.storage import atomic_path, open_input
 
-from .campaign import Campaign, CampaignError
+from . import plan as planning
+from . import spec as specs
+from .campaign import Campaign, CampaignError, write_examples
+from .paths import CampaignPaths
 
 CHECKPOINT_VERSION = 2
 RUN_FIELDS = ("test_acc", "train_acc_in", "train_acc_out", "train_seconds")
@@ -252,3 +256,46 @@ class Aggregator:
         self.flush()
         m = est.memorization(self.stats)
         return est.share_at_target((m.ci_high - m.ci_low) / (2 * est.Z95), target)
+
+
+def fixed_sizes(spec: specs.Spec, data: Dataset) -> dict[str, int]:
+    """Bytes that plan/examples.parquet and state/fold.npz will take for a campaign of `spec` on `data`
+    (what `validate` reports): the example table is written, and an empty fold of the campaign built,
+    in a temporary directory removed at once, and the empty fold's checkpoint is written to a sink that
+    only counts bytes (it is uncompressed, so an empty one has the size of a full one; np.zeros maps no
+    memory, so this stays cheap for dense influence)."""
+    import io
+    import tempfile
+
+    class Counter(io.RawIOBase):  # seekable, as a file is: zipfile then writes no data descriptors
+        n = pos = 0
+
+        def writable(self):
+            return True
+
+        def seekable(self):
+            return True
+
+        def tell(self):
+            return self.pos
+
+        def seek(self, offset, whence=0):
+            self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else self.n + offset
+            return self.pos
+
+        def write(self, b):
+            self.pos += len(b)
+            self.n = max(self.n, self.pos)
+            return len(b)
+
+    c = spec.campaign
+    plan = planning.make_plan(c.design, c.seed, data.n_train, c.ratios, c.runs)
+    labels = {"train_labels": data.y_train, "test_labels": data.y_test}
+    with tempfile.TemporaryDirectory(prefix="longtail-validate-") as tmp:
+        paths = CampaignPaths(tmp)
+        paths.make_dirs()
+        write_examples(paths.examples, data, dataset_fingerprint(data))
+        probe = Campaign(paths, spec, plan, data, labels, "", [])
+        sink = Counter()
+        np.savez(sink, **Aggregator(probe, from_scratch=True).checkpoint_arrays())
+        return {"examples": paths.examples.stat().st_size, "checkpoint": sink.n}

@@ -241,51 +241,6 @@ def _read_or_rebuild_plan(paths: CampaignPaths, spec: specs.Spec, n_train: int, 
     return plan
 
 
-def fixed_sizes(spec: specs.Spec, data: Dataset) -> dict[str, int]:
-    """Bytes that plan/examples.parquet and state/fold.npz will take for a campaign of `spec` on `data`
-    (what `validate` reports): the example table is written, and an empty fold of the campaign built,
-    in a temporary directory removed at once, and the empty fold's checkpoint is written to a sink that
-    only counts bytes (it is uncompressed, so an empty one has the size of a full one; np.zeros maps no
-    memory, so this stays cheap for dense influence)."""
-    import io
-    import tempfile
-
-    class Counter(io.RawIOBase):  # seekable, as a file is: zipfile then writes no data descriptors
-        n = pos = 0
-
-        def writable(self):
-            return True
-
-        def seekable(self):
-            return True
-
-        def tell(self):
-            return self.pos
-
-        def seek(self, offset, whence=0):
-            self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else self.n + offset
-            return self.pos
-
-        def write(self, b):
-            self.pos += len(b)
-            self.n = max(self.n, self.pos)
-            return len(b)
-
-    from .aggregate import Aggregator
-
-    c = spec.campaign
-    plan = planning.make_plan(c.design, c.seed, data.n_train, c.ratios, c.runs)
-    labels = {"train_labels": data.y_train, "test_labels": data.y_test}
-    with tempfile.TemporaryDirectory(prefix="longtail-validate-") as tmp:
-        paths = CampaignPaths(tmp)
-        paths.make_dirs()
-        write_examples(paths.examples, data, dataset_fingerprint(data))
-        probe = Campaign(paths, spec, plan, data, labels, "", [])
-        sink = Counter()
-        np.savez(sink, **Aggregator(probe, from_scratch=True).checkpoint_arrays())
-        return {"examples": paths.examples.stat().st_size, "checkpoint": sink.n}
-
-
 def create_or_open(spec: specs.Spec | None, root, load_data: bool = True) -> Campaign:
     """Create the campaign in `root` from `spec`, or reopen it (spec=None: use the frozen one)."""
     paths = CampaignPaths(root)

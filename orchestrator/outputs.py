@@ -27,7 +27,6 @@ import pyarrow.parquet as pq
 
 from estimators import estimates as est
 from estimators import influence as inf
-from estimators import rational
 from estimators import privacy as pv
 from estimators.stats import CORRECT
 from workers.storage import atomic_path, atomic_write_text, makedirs
@@ -120,7 +119,7 @@ def _pairs_table(pairs: est.Pairs, test_labels: np.ndarray) -> pa.Table:
 
 def _memorized(agg: Aggregator, stats, target: str = CORRECT) -> np.ndarray:
     """mem >= [estimates] mem_threshold, decided exactly on the counts (estimators/rational.py)."""
-    return rational.memorized(stats, agg.c.spec.estimates.mem_threshold, target)
+    return est.memorized(stats, agg.c.spec.estimates.mem_threshold, target)
 
 
 def _halves(agg: Aggregator, runs: np.ndarray) -> inf.Halves | None:

@@ -29,13 +29,15 @@ from estimators.estimates import error_bound
 from workers.storage import arrow_source, atomic_write_text, is_local, makedirs, open_input
 
 from .campaign import Campaign, create_or_open, read_examples
+from .report_html import (SCATTER_LIMIT, _figure, _figure_html, _note, _num, _pct, _png, _runs_of, _section,
+                          _table, esc, no_estimates)
+from .report_proxies import section as proxies_section
 
 GALLERY_SIZE = 24  # most memorized training examples shown
 PAIR_ROWS = 10  # test examples shown with their influencers (the paper's MNIST figure has 10 rows)
 INFLUENCERS = 4  # training examples shown beside each test example (as in the paper's figure)
 MAX_SHARDS = 2000  # the convergence figure reads at most this many shards, spread evenly over the runs
 CONVERGENCE_EXAMPLES = 1000  # training examples whose estimates the convergence figure follows
-SCATTER_LIMIT = 5000  # above this many examples the in/held-out plot is a 2-D histogram
 MAX_IMAGE_GB = 8.0  # a dataset larger than this in memory is not loaded for ~75 thumbnails: tables instead
 # The paper's Table 1 (Feldman & Zhang 2020), shown beside this campaign's counts for scale.
 PAPER_TABLE1 = [("MNIST", 35, 33, 10_000, 31), ("CIFAR-100", 1015, 888, 10_000, 774),
@@ -74,11 +76,6 @@ def _columns(table: pa.Table | None) -> dict[str, np.ndarray] | None:
     if table is None:
         return None
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
-
-
-def _runs_of(table: pa.Table | None) -> int:
-    meta = (table.schema.metadata or {}) if table is not None else {}
-    return int(json.loads(meta.get(b"longtail", b"{}")).get("runs", 0))
 
 
 def load_inputs(campaign_dir) -> Inputs:
@@ -168,20 +165,6 @@ def load_pictures(c: Campaign, meta: dict) -> tuple[Pictures | None, str]:
 # --- drawing --------------------------------------------------------------------------------------
 
 
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    return fig, fig.add_subplot()
-
-
-def _png(fig, alt: str) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    data = base64.b64encode(buf.getvalue()).decode()
-    return f'<img class="plot" src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
-
-
 def draw_memorization_histogram(mem: np.ndarray, runs: int, threshold: float) -> str:
     fig, ax = _figure(5.0, 3.5)
     bins = np.linspace(-1, 1, 81)
@@ -250,43 +233,6 @@ def draw_accuracy_histogram(acc: np.ndarray) -> str:
     ax.set_ylabel("runs")
     ax.set_title(f"{len(acc):,} runs: {acc.mean():.3f} ± {acc.std():.3f} (mean ± sd)", fontsize=10)
     return _png(fig, "distribution of per-run test accuracy")
-
-
-# --- small HTML helpers ---------------------------------------------------------------------------
-
-esc = html.escape
-
-
-def _num(x, digits: int = 3) -> str:
-    return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{digits}f}"
-
-
-def _pct(x) -> str:
-    return "—" if x is None else f"{100 * x:.1f}%"
-
-
-def _table(head: list[str], rows: list[list], cls: str = "") -> str:
-    th = "".join(f"<th>{esc(str(h))}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def _section(sid: str, title: str, intro: str, body: str) -> str:
-    return f'<section id="{sid}"><h2>{esc(title)}</h2><p class="intro">{intro}</p>{body}</section>'
-
-
-def _figure_html(content: str, caption: str) -> str:
-    return f"<figure>{content}<figcaption>{caption}</figcaption></figure>"
-
-
-def _note(text: str) -> str:
-    return f'<p class="note">{text}</p>'
-
-
-def no_estimates(inp) -> str:
-    """The note where estimates are missing, with the command to run on this campaign."""
-    return ("no estimates yet: they are written at the first checkpoint of a running campaign, or by "
-            f"<code>longtail estimate {esc(str(inp.c.paths.root))}</code>")
 
 
 # --- sections -------------------------------------------------------------------------------------
@@ -820,7 +766,6 @@ def utility_section(inp: Inputs) -> str:
 
 # --- the page -------------------------------------------------------------------------------------
 
-from .report_proxies import section as proxies_section  # noqa: E402  (it uses this module's helpers)
 
 # --- privacy risk (estimators/privacy.py, docs/audit.md) ----------------------------------------------
 

@@ -14,14 +14,14 @@ from estimators import triage as tr
 
 from . import proxies
 from .proxies import NO_DYNAMICS
+from .report_html import (SCATTER_LIMIT, _figure, _figure_html, _note, _num, _png, _runs_of, _section, _table,
+                          esc, no_estimates)
 
 LABELS = {"loss_sum": "cumulative training loss", "learn_epoch": "learning time (epoch)",
           "forgets": "forgetting events"}
 
 
 def draw_scatter(table: dict, mem: np.ndarray, runs: int) -> str:
-    from .report import SCATTER_LIMIT, _figure, _png
-
     fig = _figure(11.5, 3.4)[0]
     fig.clear()
     axes = fig.subplots(1, len(px.PROXIES))
@@ -41,8 +41,6 @@ def draw_scatter(table: dict, mem: np.ndarray, runs: int) -> str:
 
 
 def draw_curve(rows: list[dict]) -> str:
-    from .report import _figure, _png
-
     fig, ax = _figure(5.6, 3.6)
     for name, color in zip(px.PROXIES, ("#4c72b0", "#55a868", "#c44e52")):
         r = [x for x in rows if x["proxy"] == name]
@@ -64,16 +62,12 @@ def draw_curve(rows: list[dict]) -> str:
 
 
 def section(inp) -> str:
-    from .report import _figure_html, _note, _num, _runs_of, _section, _table, esc
-
     title = "Training-dynamics proxies and triage"
     intro = ("Cheap proxies of memorization from single training runs (cumulative training loss, learning time, "
              "forgetting events), measured on the batches each run trained on, checked against this campaign's "
              "memorization; and the triage of memorized examples by what the runs that did not train on them "
              "predict (docs/proxies-and-triage.md).")
     if inp.mem is None:
-        from .report import no_estimates
-
         return _section("proxies", title, intro, _note(no_estimates(inp)))
     paths = inp.c.paths
     body = []

@@ -15,9 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tempfile
-from pathlib import Path
 
-import click
 import numpy as np
 
 from workers.errors import LongtailError
@@ -127,31 +125,3 @@ def tuned_spec(spec: specs.Spec, best: dict) -> specs.Spec:
 def _round(x: float) -> float:
     """Three significant digits: a recipe is not more precise than its search."""
     return float(f"{x:.3g}") if x and math.isfinite(x) else x
-
-
-@click.command("tune")
-@click.argument("spec_file", type=click.Path(dir_okay=False))
-@click.option("--samples", default=16, show_default=True, help="trials (random points of the search space)")
-@click.option("--max-epochs", type=int, default=None, help="most epochs a trial trains (default: 2 x [train] epochs)")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="where to write the tuned spec (default: SPEC_FILE with .tuned.toml)")
-@click.option("--address", default=None, help="join the Ray cluster at ADDR instead of starting a local one")
-def tune_command(spec_file, samples, max_epochs, out, address):
-    """Tune SPEC_FILE's learning rate, weight decay and epochs at its subset ratio (Ray Tune, ASHA), scored
-    on the training examples outside the subset, and write the best recipe into a new spec."""
-    from .cli import _load_spec
-
-    spec = _load_spec(spec_file)
-    max_epochs = max_epochs or 2 * spec.train.epochs
-    best = tune_recipe(spec, samples, max_epochs, address)  # errors: one line, from the CLI's handler
-    new = tuned_spec(spec, best)
-    path = Path(out) if out else Path(spec_file).with_suffix(".tuned.toml")
-    path.write_text(f"# tuned by `longtail tune {spec_file}`: {best['trials']} trials, best held-out accuracy "
-                    f"{best['heldout_accuracy']:.4f}\n" + specs.dumps(new))
-    t = spec.train
-    click.echo(f"{best['trials']} trials ({best['failed_trials']} failed); best held-out accuracy "
-               f"{best['heldout_accuracy']:.4f} at subset ratio {spec.primary_ratio}")
-    click.echo(f"  lr           {t.lr:g} -> {new.train.lr:g}")
-    click.echo(f"  weight_decay {t.weight_decay:g} -> {new.train.weight_decay:g}")
-    click.echo(f"  epochs       {t.epochs} -> {new.train.epochs}")
-    click.echo(f"wrote {path}; check it with: longtail validate {path}")
