@@ -12,7 +12,7 @@ import argparse
 import time
 
 from estimators import privacy as pv
-from orchestrator.audit import ATTACKS, FPRS, evaluate, load_target, open_for_audit, score
+from orchestrator.features.audit import ATTACKS, FPRS, evaluate, load_target, open_for_audit, score
 
 
 def main() -> None:

@@ -33,11 +33,11 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from estimators import triage as tr
-from orchestrator import proxies
+from orchestrator.features import proxies
 from orchestrator import spec as specs
-from orchestrator.aggregate import Aggregator
+from orchestrator.fold import Aggregator
 from orchestrator.campaign import create_or_open
-from orchestrator.outputs import write_estimates
+from orchestrator.estimates_files import write_estimates
 from workers.recipes import recipe_spec
 from workers.worker import RunWorker
 

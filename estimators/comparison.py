@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .estimates import Difference, difference
+from estimators.estimates import Difference, difference
 
 
 def paired_influence(mask: np.ndarray, d: np.ndarray) -> Difference:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import rational
-from .stats import CORRECT, Stats
+from estimators import rational
+from estimators.stats import CORRECT, Stats
 
 Z95 = 1.959963984540054
 

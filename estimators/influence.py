@@ -17,8 +17,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import rational
-from .estimates import Difference, difference
+from estimators import rational
+from estimators.estimates import Difference, difference
 
 MaskColumns = Callable[[np.ndarray], np.ndarray]
 BYTES_PER_CELL = 4 * 12  # float32 A, the out sums, and the temporaries of `difference`

@@ -188,7 +188,7 @@ def triage(d: Distribution, y: np.ndarray, mem: np.ndarray, *, mem_threshold: fl
 def auroc(score: np.ndarray, positive: np.ndarray) -> float:
     """Area under the ROC curve of `score` for the set `positive` (bool), ties counted half (the
     Mann-Whitney U statistic / (positives x negatives)); NaN without positives or negatives."""
-    from .proxies import _ranks
+    from estimators.proxies import _ranks
 
     score = np.asarray(score, np.float64)
     positive = np.asarray(positive, bool)

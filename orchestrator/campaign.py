@@ -23,9 +23,9 @@ from workers.datasets import Dataset, dataset_fingerprint, load_dataset
 from workers.storage import arrow_source, atomic_path, atomic_write_text, is_temporary, open_input, TMP_MARKER
 from workers.worker import preflight
 
-from . import plan as planning
-from . import spec as specs
-from .paths import CampaignPaths
+from orchestrator import plan as planning
+from orchestrator import spec as specs
+from orchestrator.paths import CampaignPaths
 
 
 class CampaignError(LongtailError, RuntimeError):

@@ -14,8 +14,8 @@ import click
 
 from workers.errors import LongtailError
 
-from . import spec as specs
-from .progress import format_bytes, format_seconds
+from orchestrator import spec as specs
+from orchestrator.progress import format_bytes, format_seconds
 
 DEMO_SPEC = "demo.toml"
 EXIT_INCOMPLETE = 3  # run/resume/demo ended without error but with runs missing (failed within the budget)
@@ -85,7 +85,7 @@ def validate(spec_file):
     from workers.datasets import load_dataset
     from workers.worker import preflight
 
-    from .plan import subset_size, validate_design
+    from orchestrator.plan import subset_size, validate_design
 
     spec = _load_spec(spec_file)
     data = load_dataset(spec.dataset.as_dict())
@@ -96,7 +96,7 @@ def validate(spec_file):
     t = spec.campaign.runs
     rows = t * (data.n_train + data.n_test)
     shard_bytes = rows * 2.9  # measured 2.6-2.9 bytes per row (docs/performance.md)
-    from .aggregate import fixed_sizes
+    from orchestrator.fold import fixed_sizes
 
     sizes_on_disk = fixed_sizes(spec, data)
     fold = sizes_on_disk["checkpoint"]
@@ -130,9 +130,9 @@ def spec_reference():
 
 def _run(spec: specs.Spec | None, out: str, address: str | None, progress: bool, top: int,
          dashboard_host: str = "127.0.0.1", dashboard_port: int = 8265, as_job: bool = True) -> None:
-    from . import embedded
-    from .campaign import create_or_open
-    from .driver import check_ray_address, run_campaign
+    from cluster import embedded
+    from orchestrator.campaign import create_or_open
+    from orchestrator.driver import check_ray_address, run_campaign
 
     # the command's start; a campaign run as a job on an embedded head counts from the `longtail run`
     # that started the head (embedded.STARTED_AT), so that "in all" covers the head's start-up too
@@ -166,7 +166,7 @@ def _run(spec: specs.Spec | None, out: str, address: str | None, progress: bool,
 
 def _stop_on_sigterm() -> None:
     """`ray job stop` and `kill` send SIGTERM: save the fold and exit as on Ctrl-C, not abruptly."""
-    from .driver import interrupt_on_sigterm
+    from orchestrator.driver import interrupt_on_sigterm
 
     interrupt_on_sigterm()
 
@@ -227,7 +227,7 @@ def show_top(paths, k: int, summary: dict | None = None) -> None:
 
     from workers.storage import arrow_source
 
-    from . import proxies
+    from orchestrator.features import proxies
 
     source, filesystem = arrow_source(paths.memorization)
     t = pq.read_table(source, filesystem=filesystem).to_pandas()
@@ -296,8 +296,8 @@ def status(target, address, as_json):
     if "://" not in target and not Path(target).is_dir() and address:
         _job_status(target, address, as_json)
         return
-    from .campaign import create_or_open
-    from .lock import DriverLock
+    from orchestrator.campaign import create_or_open
+    from orchestrator.lock import DriverLock
 
     campaign_dir = target
     c = create_or_open(None, campaign_dir, load_data=False)
@@ -372,7 +372,7 @@ def _pace(c, finished: set[int], holder: dict) -> dict | None:
 
 
 def _job_status(submission_id: str, address: str, as_json: bool) -> None:
-    from . import jobs
+    from cluster import jobs
 
     info = jobs.info(address, submission_id)
     progress = jobs.last_progress(jobs.logs(address, submission_id))
@@ -407,14 +407,14 @@ def submit(spec_file, address, out, modules):
 
     The job runs `longtail run` on the head node; its progress lines appear in the dashboard's Jobs
     view and in `longtail logs`. Submitting again after a stop resumes the same campaign."""
-    from . import jobs
+    from cluster import jobs
 
     spec = _load_spec(spec_file)
     out = out or f"~/longtail-campaigns/{spec.campaign.name}"
     submission_id = jobs.submit(spec, address, out, list(modules))
     click.echo(f"submitted campaign {spec.campaign.name!r} as job {submission_id}")
     click.echo(f"campaign directory on the cluster: {out}")
-    from .dashboard import url_line
+    from cluster.dashboard import url_line
 
     click.echo(f"{url_line(address.rstrip('/'))}: Jobs > {submission_id} shows the driver log with the progress")
     click.echo("next:")
@@ -430,7 +430,7 @@ def submit(spec_file, address, out, modules):
 @click.option("--follow", "-f", is_flag=True, help="keep printing until the job ends")
 def logs(submission_id, address, follow):
     """Print the driver log of a submitted campaign."""
-    from . import jobs
+    from cluster import jobs
 
     if follow:
         for chunk in jobs.follow(address, submission_id):
@@ -444,7 +444,7 @@ def logs(submission_id, address, follow):
 @click.option("--address", required=True, envvar="RAY_API_SERVER_ADDRESS", help="the cluster's job API")
 def stop(submission_id, address):
     """Stop a submitted campaign. Finished runs are kept; submit the spec again to resume it."""
-    from . import jobs
+    from cluster import jobs
 
     final = jobs.stop(address, submission_id)
     click.echo(f"job {submission_id}: {final}")
@@ -454,8 +454,8 @@ def stop(submission_id, address):
 
 def _fold_pool(address: str, root, actors: int):
     """Fold actors on the cluster at `address` (orchestrator/foldpool.py)."""
-    from .driver import _ray_init
-    from .foldpool import FoldPool
+    from orchestrator.driver import _ray_init
+    from orchestrator.foldpool import FoldPool
 
     ray, _, _ = _ray_init(address)
     return FoldPool(ray, root, actors)
@@ -472,10 +472,10 @@ def _fold_pool(address: str, root, actors: int):
 def estimate(campaign_dir, top, address, fold_actors):
     """Recompute estimates/ of CAMPAIGN_DIR from its shards alone (no dataset, no checkpoint; no Ray
     unless --fold-actors spreads the reading over a cluster)."""
-    from .aggregate import Aggregator
-    from .campaign import create_or_open
-    from .driver import RunReport, fold_existing
-    from .outputs import write_estimates
+    from orchestrator.fold import Aggregator
+    from orchestrator.campaign import create_or_open
+    from orchestrator.driver import RunReport, fold_existing
+    from orchestrator.estimates_files import write_estimates
 
     if fold_actors and not address:
         _fail("--fold-actors needs the cluster's --address (e.g. --address 10.0.0.10:6379); without a "
@@ -502,9 +502,9 @@ def estimate(campaign_dir, top, address, fold_actors):
               help="output directory (default: CAMPAIGN_DIR/export)")
 def export(campaign_dir, fmt, dest):
     """Export the estimates of CAMPAIGN_DIR (from its fold checkpoint) for other tools."""
-    from .aggregate import Aggregator
-    from .campaign import create_or_open
-    from .outputs import export_fz, export_parquet
+    from orchestrator.fold import Aggregator
+    from orchestrator.campaign import create_or_open
+    from orchestrator.estimates_files import export_fz, export_parquet
 
     c = create_or_open(None, campaign_dir, load_data=False)
     agg = Aggregator(c)
@@ -540,8 +540,8 @@ def demo(out, runs, progress):
 def proxies_command(campaign_dir, as_json):
     """Print how well training-dynamics proxies (cumulative loss, learning time, forgetting events) agree
     with the memorization of CAMPAIGN_DIR, from estimates/proxy_agreement.parquet, per number of runs."""
-    from . import proxies
-    from .campaign import create_or_open
+    from orchestrator.features import proxies
+    from orchestrator.campaign import create_or_open
 
     try:
         c = create_or_open(None, campaign_dir, load_data=False)
@@ -569,7 +569,7 @@ def proxies_command(campaign_dir, as_json):
 def tune_command(spec_file, samples, max_epochs, out, address):
     """Tune SPEC_FILE's learning rate, weight decay and epochs at its subset ratio (Ray Tune, ASHA), scored
     on the training examples outside the subset, and write the best recipe into a new spec."""
-    from .tune import tune_recipe, tuned_spec
+    from orchestrator.features.tune import tune_recipe, tuned_spec
 
     spec = _load_spec(spec_file)
     max_epochs = max_epochs or 2 * spec.train.epochs
@@ -588,10 +588,10 @@ def tune_command(spec_file, samples, max_epochs, out, address):
 
 
 # commands defined beside what they compute
-from .followup import utility_command  # noqa: E402
-from .pilot import plan_command  # noqa: E402
-from .report import report_command  # noqa: E402
-from .monitor import monitor_command  # noqa: E402
+from orchestrator.features.utility import utility_command  # noqa: E402
+from orchestrator.features.cost import plan_command  # noqa: E402
+from orchestrator.features.report import report_command  # noqa: E402
+from cluster.monitor import monitor_command  # noqa: E402
 
 main.add_command(monitor_command)
 
@@ -599,9 +599,9 @@ for command in (report_command, utility_command, plan_command):
     main.add_command(command)
 
 # privacy risk, comparison of campaigns, self-test (docs/audit.md, docs/compare-and-selftest.md)
-from .audit import audit_command  # noqa: E402
-from .compare import compare_command  # noqa: E402
-from .selftest import selftest_command  # noqa: E402
+from orchestrator.features.audit import audit_command  # noqa: E402
+from orchestrator.features.compare import compare_command  # noqa: E402
+from orchestrator.features.selftest import selftest_command  # noqa: E402
 
 for command in (audit_command, compare_command, selftest_command):
     main.add_command(command)

@@ -24,12 +24,12 @@ from workers.errors import LongtailError
 from workers.shard import ShardError
 from workers.storage import atomic_write_bytes, atomic_write_text, makedirs, move
 
-from .aggregate import Aggregator
-from .campaign import Campaign, CampaignError
-from .lock import DriverLock
-from .outputs import write_estimates
-from .dashboard import TASK_BAR_NOTE, url_line
-from .progress import Progress
+from orchestrator.fold import Aggregator
+from orchestrator.campaign import Campaign, CampaignError
+from orchestrator.lock import DriverLock
+from orchestrator.estimates_files import write_estimates
+from cluster.dashboard import TASK_BAR_NOTE, url_line
+from orchestrator.progress import Progress
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -220,7 +220,7 @@ def _ray_init(address: str | None, local_cpus: int = 0, dashboard_host: str = "1
     """Join the cluster at `address` (or a Ray job's), or start the embedded one; returns (ray, whether
     this call started it, the dashboard URL)."""
     if address:
-        from .jobs import send_token_if_available
+        from cluster.jobs import send_token_if_available
 
         check_ray_address(address)
         send_token_if_available()
@@ -333,8 +333,8 @@ def _target_reached(campaign: Campaign, agg: Aggregator, report: RunReport) -> b
 def _dispatch(campaign: Campaign, agg: Aggregator, todo: list[int], done: set[int], report: RunReport,
               address: str | None, show_progress: bool, lock: DriverLock, dashboard_host: str,
               gate: "AccuracyGate") -> None:
-    from .metrics import CampaignMetrics
-    from .pool import WorkerPool, runs_per_call
+    from orchestrator.metrics import CampaignMetrics
+    from orchestrator.pool import WorkerPool, runs_per_call
 
     ray, owned, report.dashboard_url = ray_init(address, campaign.spec.resources.local_cpus, dashboard_host)
     res, e = campaign.spec.resources, campaign.spec.estimates

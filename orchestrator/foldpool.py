@@ -21,8 +21,8 @@ class FoldActor:
     """Reads and verifies shards of one campaign against its plan and spec."""
 
     def __init__(self, root: str):
-        from .aggregate import Aggregator
-        from .campaign import create_or_open
+        from orchestrator.fold import Aggregator
+        from orchestrator.campaign import create_or_open
 
         self.agg = Aggregator(create_or_open(None, root, load_data=False), from_scratch=True)
 

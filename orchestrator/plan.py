@@ -33,7 +33,7 @@ import numpy as np
 from workers.errors import LongtailError
 from workers.storage import atomic_write_bytes, atomic_write_text
 
-from .paths import CampaignPaths
+from orchestrator.paths import CampaignPaths
 
 DESIGNS = ("fixed", "bernoulli", "balanced", "paired")
 

@@ -13,7 +13,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from .campaign import Campaign, CampaignError
+from orchestrator.campaign import Campaign, CampaignError
 
 
 def runs_per_call(spec) -> int:

@@ -23,7 +23,7 @@ from typing import Any
 from workers.errors import LongtailError
 from workers.options import option
 
-from .plan import DESIGNS
+from orchestrator.plan import DESIGNS
 
 if sys.version_info >= (3, 11):
     import tomllib

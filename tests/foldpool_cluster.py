@@ -28,7 +28,7 @@ def main(root: str) -> None:
     from click.testing import CliRunner
     from ray.cluster_utils import Cluster
 
-    from orchestrator.aggregate import Aggregator
+    from orchestrator.fold import Aggregator
     from orchestrator.campaign import create_or_open
     from orchestrator.cli import main as cli
     from orchestrator.driver import RunReport, fold_existing

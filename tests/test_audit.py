@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from planted import learner_campaign
 
 from estimators import privacy as pv
-from orchestrator.audit import AuditError, load_target, open_for_audit, score
+from orchestrator.features.audit import AuditError, load_target, open_for_audit, score
 from orchestrator.cli import main
 
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from planted import learner_campaign
 
 from orchestrator.cli import main
-from orchestrator.compare import CompareError, _compare_unpaired, compare, open_folded
+from orchestrator.features.compare import CompareError, _compare_unpaired, compare, open_folded
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_different_seeds_are_compared_unpaired_and_the_output_says_so(campaigns,
 
 
 def test_a_released_format_file_round_trips_with_export(campaigns, tmp_path):
-    from orchestrator.outputs import export_fz
+    from orchestrator.estimates_files import export_fz
 
     a = campaigns["leaky"]
     agg = open_folded(str(a.paths.root))

@@ -299,7 +299,7 @@ def test_embedded_campaign_on_the_dashboard_and_in_prometheus(sandbox, tmp_path)
     assert v2["runs_done_total"] > v1["runs_done_total"] and v2["runs_failed_total"] > v1["runs_failed_total"]
     assert v1["runs_per_second"] > 0 and v2["runs_per_second"] > 0 and v2["runs_per_second"] != v1["runs_per_second"]
     if updating_screenshots():
-        from orchestrator.monitor import graph_url
+        from cluster.monitor import graph_url
 
         shots["prometheus"] = tmp_path / "prometheus-graph.png"
         screenshot(graph_url(prom_port, "5m"), shots["prometheus"])
@@ -345,7 +345,7 @@ def test_submitted_campaign_on_the_dashboard(sandbox, tmp_path):
 
 
 def test_progress_line_names_the_campaign_and_reads_back():
-    from orchestrator.jobs import last_progress
+    from cluster.jobs import last_progress
     from orchestrator.progress import Progress
 
     now = [0.0]
@@ -368,7 +368,7 @@ def test_task_names_carry_their_runs():
 
 
 def test_every_dashboard_address_says_how_to_sign_in(monkeypatch, tmp_path):
-    from orchestrator import dashboard
+    from cluster import dashboard
 
     monkeypatch.setenv("HOME", str(tmp_path))
     for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
@@ -388,7 +388,7 @@ def test_embedded_job_joins_its_own_head():
     """The job supervisor would hand the driver any Ray found on the machine: the entrypoint names ours."""
     from types import SimpleNamespace
 
-    from orchestrator.embedded import entrypoint
+    from cluster.embedded import entrypoint
 
     c = SimpleNamespace(paths=SimpleNamespace(root=Path("/data/my campaign")))
     cmd = entrypoint(c, True, 5, "10.0.0.1:41234")
@@ -399,7 +399,7 @@ def test_embedded_job_joins_its_own_head():
 def test_monitor_config_and_charts(tmp_path, monkeypatch):
     from urllib.parse import parse_qs, urlparse
 
-    from orchestrator import monitor
+    from cluster import monitor
 
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "rt"))
     found = monitor.discovery_file(None)

@@ -239,11 +239,11 @@ def test_old_campaign_without_dynamics_resumes_estimates_and_reports(ray_session
     it; adding "dynamics" to [train] store keeps the spec hash, so it resumes with more runs that have them."""
     from click.testing import CliRunner
 
-    from orchestrator.aggregate import Aggregator
+    from orchestrator.fold import Aggregator
     from orchestrator.campaign import create_or_open
     from orchestrator.cli import main
     from orchestrator.driver import run_campaign
-    from orchestrator.report import write_report
+    from orchestrator.features.report import write_report
 
     root = tmp_path / "old"
     run_campaign(create_or_open(mixture_spec("old", 6, '["margin"]', epochs=3), root), progress=False)

@@ -21,9 +21,9 @@ import pytest
 
 from orchestrator import spec as specs
 from orchestrator.campaign import create_or_open
-from orchestrator.aggregate import Aggregator
+from orchestrator.fold import Aggregator
 from orchestrator.driver import RunReport, fold_existing, run_campaign
-from orchestrator.outputs import write_estimates
+from orchestrator.estimates_files import write_estimates
 from workers.shard import read_shard
 
 ROOT = Path(__file__).resolve().parents[1]

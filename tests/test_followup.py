@@ -25,7 +25,7 @@ from orchestrator import spec as specs
 from orchestrator.campaign import create_or_open
 from orchestrator.cli import main
 from orchestrator.driver import run_campaign
-from orchestrator.followup import (FULL, MEMORIZED, PAIRS, RANDOM, UtilityError, conditions, drop, mean_se,
+from orchestrator.features.utility import (FULL, MEMORIZED, PAIRS, RANDOM, UtilityError, conditions, drop, mean_se,
                                    memorized, parse_thresholds, utility_run_id, utility_streams)
 from workers.datasets import Dataset
 

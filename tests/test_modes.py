@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 from estimators.reference import reference_influence, reference_memorization, reference_pairs, reference_top_k
-from orchestrator.aggregate import Aggregator
+from orchestrator.fold import Aggregator
 from orchestrator.cli import main
 from orchestrator.driver import RunReport, fold_existing
-from orchestrator.outputs import write_estimates
+from orchestrator.estimates_files import write_estimates
 from synthetic import INFL, MEM, make_campaign
 
 ATOL = 3e-6  # float32 influence epilogue

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from estimators.estimates import error_bound
 from orchestrator import spec as specs
 from orchestrator.cli import main
-from orchestrator.pilot import (expected_se, main_ratio_runs, pilot_spec, runs_for_bound, runs_for_se,
+from orchestrator.features.cost import (expected_se, main_ratio_runs, pilot_spec, runs_for_bound, runs_for_se,
                                 variance_per_run)
 
 SPEC = """

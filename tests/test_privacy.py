@@ -11,7 +11,7 @@ from planted import learner_campaign
 from synthetic import make_campaign
 
 from estimators import privacy as pv
-from orchestrator.aggregate import Aggregator
+from orchestrator.fold import Aggregator
 from orchestrator.driver import RunReport, fold_existing
 
 
@@ -78,7 +78,7 @@ def test_removing_a_run_equals_refitting_without_it(synth):
         np.testing.assert_allclose(getattr(taken_out, name), getattr(refit, name), rtol=1e-12, atol=1e-9)
     assert taken_out.count_in.sum() == agg.risk.count_in.sum() - data.mask.sum()  # it really was taken out
     # audit takes a campaign run out before scoring it
-    from orchestrator.audit import load_target, score
+    from orchestrator.features.audit import load_target, score
 
     s = score(agg, load_target(agg, str(c.paths.shard(r))), global_variance=False)
     ref = pv.fit(refit, global_variance=False)
@@ -132,7 +132,7 @@ def test_statistic_from_logits_is_log_odds_of_the_softmax():
 
 
 def test_planted_leaky_examples_rank_highest_by_risk(tmp_path):
-    from orchestrator.outputs import write_estimates
+    from orchestrator.estimates_files import write_estimates
 
     c = learner_campaign(tmp_path / "leaky")
     agg = _folded(c)
@@ -144,7 +144,7 @@ def test_planted_leaky_examples_rank_highest_by_risk(tmp_path):
     assert risk["risk"].drop(index=[3, 8, 21]).max() < risk["risk"].iloc[[3, 8, 21]].min() - 0.1
     assert summary["privacy_risk"]["statistic"] == "margin"
     assert summary["privacy_risk"]["spearman_with_memorization"] > 0
-    from orchestrator.report import render
+    from orchestrator.features.report import render
 
     page, inp = render(c.paths.root)
     section = page[page.index('<section id="privacy">'):]

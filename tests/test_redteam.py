@@ -299,7 +299,7 @@ def test_16_validate_counts_the_example_table_and_the_checkpoint(finished, tmp_p
 
 
 def test_16_a_short_pilot_comes_with_a_caveat():
-    from orchestrator.pilot import DEGENERATE_CAVEAT, degenerate_share
+    from orchestrator.features.cost import DEGENERATE_CAVEAT, degenerate_share
 
     acc_in = np.array([1.0, 1.0, 0.5, 0.0])
     acc_out = np.array([0.0, 1.0, 1.0, 0.0])
@@ -341,13 +341,13 @@ def test_a_plugin_fault_is_framed_as_the_plugins(tmp_path, section, plugin, says
 def test_every_user_error_class_derives_from_the_one_root():
     from orchestrator.campaign import CampaignError, SpecMismatchError
     from orchestrator.driver import CampaignInterrupted
-    from orchestrator.followup import UtilityError
-    from orchestrator.jobs import JobError
+    from orchestrator.features.utility import UtilityError
+    from cluster.jobs import JobError
     from orchestrator.lock import LockedError
-    from orchestrator.pilot import PilotError
+    from orchestrator.features.cost import PilotError
     from orchestrator.plan import PlanError
     from orchestrator.spec import SpecError
-    from orchestrator.tune import TuneError
+    from orchestrator.features.tune import TuneError
     from workers.datasets import DatasetError
     from workers.errors import LongtailError, PluginError
     from workers.options import SetupError
@@ -407,7 +407,7 @@ def test_16_in_all_is_the_commands_time(finished, tmp_path, monkeypatch):
 
 def test_16_report_hints_name_this_campaign(finished, tmp_path):
     """The report's hints are commands to paste: they name the campaign's directory, not a literal DIR."""
-    from orchestrator.report import load_inputs, memorization_section, utility_section
+    from orchestrator.features.report import load_inputs, memorization_section, utility_section
 
     root = copy_of(finished, tmp_path)
     inp = load_inputs(root)
@@ -439,7 +439,7 @@ def test_13_the_job_finds_a_python_with_longtail(tmp_path):
     """A head started as `.venv/bin/ray start --head` has no venv on PATH: a bare `python -m orchestrator.cli`
     there fails with ModuleNotFoundError. The job's command finds an interpreter that has longtail (the
     whole submit / stop / resubmit cycle on such a head: tests/test_cluster.py)."""
-    from orchestrator.jobs import job_entrypoint
+    from cluster.jobs import job_entrypoint
 
     bin_dir = Path(sys.executable).parent.resolve()
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p and Path(p).resolve() != bin_dir)

@@ -18,13 +18,13 @@ import pytest
 from click.testing import CliRunner
 
 from estimators.reference import reference_memorization
-from orchestrator import report
+from orchestrator.features import report
 from orchestrator import spec as specs
-from orchestrator.aggregate import Aggregator
+from orchestrator.fold import Aggregator
 from orchestrator.campaign import create_or_open
 from orchestrator.cli import main
 from orchestrator.driver import RunReport, fold_existing, record_failure
-from orchestrator.outputs import write_estimates
+from orchestrator.estimates_files import write_estimates
 from synthetic import make_campaign
 from workers.shard import build_table, write_shard
 

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from estimators.closed_form import selftest_truth
-from orchestrator import selftest as stm
+from orchestrator.features import selftest as stm
 from orchestrator.cli import main
 from workers.selftest_learner import dataset, fit_predict, mu_in
 

@@ -28,7 +28,7 @@ def _train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from .worker import RunWorker
+    from workers.worker import RunWorker
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import call_plugin
-from .options import SetupError, option
+from workers.errors import call_plugin
+from workers.options import SetupError, option
 
 
 class DatasetError(SetupError):
@@ -165,7 +165,7 @@ def make_longtail_mixture(options: dict) -> Dataset:
 
 # Real datasets (MNIST, CIFAR, class folders, mnist-5k) live in realdata.py; it imports nothing from
 # this module at import time, so there is no cycle.
-from . import realdata  # noqa: E402
+from workers import realdata  # noqa: E402
 
 DATASET_OPTIONS = {"digits": DigitsOptions, "longtail-mixture": MixtureOptions,
                    "mnist": realdata.MnistOptions, "cifar10": realdata.CifarOptions,

@@ -65,9 +65,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .models import MLPOptions
-from .results import RunFailed, RunOutput
-from .training import DeviceData
+from workers.models import MLPOptions
+from workers.results import RunFailed, RunOutput
+from workers.training import DeviceData
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.AdamW's defaults, as train_run uses them
 
@@ -202,7 +202,7 @@ def train_runs(options: dict, data: DeviceData, train_indices: list[np.ndarray],
     failed: dict[int, str] = {}
     rec = None
     if "dynamics" in train.get("store", ()):  # training dynamics of each model (workers/dynamics.py)
-        from .dynamics import Recorder
+        from workers.dynamics import Recorder
 
         rec = Recorder(K, data.y_train, train["label_smoothing"])
     start = time.perf_counter()

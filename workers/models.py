@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .options import SetupError, option
+from workers.options import SetupError, option
 
 
 
@@ -312,7 +312,7 @@ def model_factory(section: dict):
     """A zero-knowledge builder: `build(num_classes, input_shape) -> nn.Module` for the [model] section."""
     name = section["name"]
     if ":" in name:
-        from .datasets import resolve
+        from workers.datasets import resolve
 
         fn = resolve(name, "model factory")
         return lambda num_classes, input_shape: fn(section, num_classes, input_shape)

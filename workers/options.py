@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import field
 from typing import Any, Callable
 
-from .errors import LongtailError
+from workers.errors import LongtailError
 
 
 class SetupError(LongtailError, ValueError):

@@ -44,9 +44,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .ensemble import EnsembleRunFailed, pack_outputs
-from .results import RunFailed, RunOutput
-from .training import (DeviceData, _augment_generator, _autocast, _lr_factor, augment_batch, batch_scores,
+from workers.ensemble import EnsembleRunFailed, pack_outputs
+from workers.results import RunFailed, RunOutput
+from workers.training import (DeviceData, _augment_generator, _autocast, _lr_factor, augment_batch, batch_scores,
                        fast_options)
 
 def pack_groups(sizes: list[int]) -> list[list[int]]:
@@ -337,7 +337,7 @@ def train_packed(build, data: DeviceData, train_indices: list[np.ndarray], seeds
     step = 0
     rec = None
     if "dynamics" in train.get("store", ()):  # training dynamics of each model (workers/dynamics.py)
-        from .dynamics import Recorder
+        from workers.dynamics import Recorder
 
         rec = Recorder(K, data.y_train, train["label_smoothing"])
     start = time.perf_counter()

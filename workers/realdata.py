@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .options import option
+from workers.options import option
 
 PREPARE = "see docs/datasets.md, 'Preparing data offline'"
 
 
 def _error(message: str) -> Exception:
-    from .datasets import DatasetError
+    from workers.datasets import DatasetError
 
     return DatasetError(message)
 
@@ -195,7 +195,7 @@ def load_mnist(options: dict):
     """
     from torchvision.datasets import MNIST
 
-    from .datasets import Dataset
+    from workers.datasets import Dataset
 
     o = parse_options(MnistOptions, options, "mnist")
     root = _root(o.root, "mnist", "MNIST/raw/", o.download)
@@ -255,7 +255,7 @@ def _check_cifar_files(cls, root: Path, dataset: str) -> None:
 
 
 def _load_cifar(dataset: str, options: dict):
-    from .datasets import Dataset
+    from workers.datasets import Dataset
 
     o = parse_options(CifarOptions, options, dataset)
     cls = _cifar_class(dataset)
@@ -360,7 +360,7 @@ def load_imagefolder(options: dict):
     ImageFolder's order (by class, then by path). Images are (3, image_size, image_size) float32 in
     [0, 1]. info["train_files"] / info["test_files"] hold each example's path relative to its dir.
     """
-    from .datasets import Dataset
+    from workers.datasets import Dataset
 
     o = parse_options(ImageFolderOptions, options, "imagefolder")
     dirs = {}
@@ -399,7 +399,7 @@ def load_mnist5k(options: dict):
     Like digits: a fixed stratified split (split_seed); ids are positions in the train and test parts,
     which keep the file's order (sorted by class); info["source_*_index"] maps them back to it.
     """
-    from .datasets import Dataset, stratified_split
+    from workers.datasets import Dataset, stratified_split
 
     o = parse_options(Mnist5kOptions, options, "mnist-5k")
     try:

@@ -15,7 +15,7 @@ import numpy as np
 
 from estimators.closed_form import sources, twins
 
-from .datasets import Dataset
+from workers.datasets import Dataset
 
 PARAMS = {"mu_in": 1.0, "mu_leak": 3.0, "mu_hi": 1.0, "mu_lo": 0.0, "nu_hi": 1.0, "nu_lo": -0.5}
 

@@ -27,8 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import LongtailError
-from .storage import arrow_source, atomic_path
+from workers.errors import LongtailError
+from workers.storage import arrow_source, atomic_path
 
 FORMAT_VERSION = 1
 META_KEY = b"longtail"

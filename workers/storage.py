@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LongtailError
+from workers.errors import LongtailError
 
 TMP_MARKER = ".tmp-"
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .results import RunFailed, RunOutput
+from workers.results import RunFailed, RunOutput
 
 # [train] keys added with the fast paths, at their defaults: callers that build the [train] dict by hand
 # (tests, benchmarks, ensemble.py's callers) may leave them out.
@@ -268,7 +268,7 @@ def train_run(build, data: DeviceData, train_idx: np.ndarray, seed: int, train: 
     # a share of each batch only, so those runs record none
     rec = None
     if "dynamics" in train.get("store", ()) and world == 1:
-        from .dynamics import Recorder
+        from workers.dynamics import Recorder
 
         rec = Recorder(1, y, train["label_smoothing"])
     start = time.perf_counter()

@@ -17,13 +17,13 @@ import traceback
 
 import numpy as np
 
-from . import shard as shard_format
-from .datasets import Dataset, DatasetError, dataset_fingerprint, load_dataset, resolve
-from .errors import LongtailError, PluginError, call_plugin
-from .models import convnet_pack, ensemble_options, model_factory
-from .options import SetupError
-from .results import RunFailed, RunOutput, run_plugin_trainer
-from .storage import StorageError
+from workers import shard as shard_format
+from workers.datasets import Dataset, DatasetError, dataset_fingerprint, load_dataset, resolve
+from workers.errors import LongtailError, PluginError, call_plugin
+from workers.models import convnet_pack, ensemble_options, model_factory
+from workers.options import SetupError
+from workers.results import RunFailed, RunOutput, run_plugin_trainer
+from workers.storage import StorageError
 
 
 class NoGPUError(LongtailError):
@@ -80,7 +80,7 @@ class RunWorker:
         if self.trainer is None:
             import torch
 
-            from .training import DeviceData
+            from workers.training import DeviceData
 
             torch.set_num_threads(max(1, threads))
             if use_gpu and not torch.cuda.is_available() and (device is None or device.startswith("cuda")):
@@ -103,7 +103,7 @@ class RunWorker:
         self.packed = False
         if self.trainer is None and self.ensemble is None and convnet_pack(spec["model"], spec["train"],
                                                                            spec["resources"]) > 1:
-            from .packed import fusable
+            from workers.packed import fusable
 
             self.packed = fusable(self.build, dataset.num_classes, dataset.input_shape) == ""
         self.host = socket.gethostname()
@@ -135,7 +135,7 @@ class RunWorker:
         vectorized step where the model allows (the builtin MLP; the builtin convnets when packing is on),
         else one after the other."""
         if self.packed:
-            from .packed import pack_groups
+            from workers.packed import pack_groups
 
             results: list = [None] * len(calls)
             sizes = [int(self._mask(c[1]).sum()) for c in calls]
@@ -151,7 +151,7 @@ class RunWorker:
 
     def _run_packed(self, calls: list) -> list[dict]:
         """Runs trained together: MLPs by workers/ensemble.py, built-in convnets by workers/packed.py."""
-        from .ensemble import EnsembleRunFailed, train_runs
+        from workers.ensemble import EnsembleRunFailed, train_runs
 
         start = time.perf_counter()
         masks = [self._mask(c[1]) for c in calls]
@@ -159,7 +159,7 @@ class RunWorker:
         try:
             subsets, seeds = [np.flatnonzero(m) for m in masks], [c[2] for c in calls]
             if self.packed:
-                from .packed import train_packed
+                from workers.packed import train_packed
 
                 outputs = train_packed(self.build, self.data, subsets, seeds, self.train)
             else:
@@ -184,7 +184,7 @@ class RunWorker:
                           data_parallel: tuple) -> dict | None:
         """This process's share of a run trained by several (workers/dataparallel.py); rank 0 writes the
         shard and returns the summary, the others None. Failures raise: Ray Train fails the run."""
-        from .training import train_run
+        from workers.training import train_run
 
         start = time.perf_counter()
         mask = self._mask(packed_mask)
@@ -198,7 +198,7 @@ class RunWorker:
         train_idx = np.flatnonzero(mask)
         if self.trainer is not None:
             return run_plugin_trainer(self.trainer, self.dataset, train_idx, seed, self.train["trainer"])
-        from .training import train_run
+        from workers.training import train_run
 
         return train_run(self.build, self.data, train_idx, seed, self.train)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from . import cifar100_resnet, cifar_airbench, imagenet_resnet50, mnist_mlp
+from workers.recipes import cifar100_resnet, cifar_airbench, imagenet_resnet50, mnist_mlp
 
 if sys.version_info >= (3, 11):
     import tomllib

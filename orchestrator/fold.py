@@ -21,10 +21,10 @@ from workers.datasets import Dataset, dataset_fingerprint
 from workers.shard import ShardData, ShardError, read_shard
 from workers.storage import atomic_path, open_input
 
-from . import plan as planning
-from . import spec as specs
-from .campaign import Campaign, CampaignError, write_examples
-from .paths import CampaignPaths
+from orchestrator import plan as planning
+from orchestrator import spec as specs
+from orchestrator.campaign import Campaign, CampaignError, write_examples
+from orchestrator.paths import CampaignPaths
 
 CHECKPOINT_VERSION = 2
 RUN_FIELDS = ("test_acc", "train_acc_in", "train_acc_out", "train_seconds")
@@ -68,7 +68,7 @@ class Aggregator:
             group = plan.runs_of_ratio(k)
             self.position[group] = np.arange(len(group))
         # training-dynamics proxies and out-of-subset predictions (orchestrator/proxies.py)
-        from .proxies import ProxyFold
+        from orchestrator.features.proxies import ProxyFold
 
         self.proxies = ProxyFold(campaign, len(plan.runs_of_ratio(self.primary)))
         if not from_scratch and campaign.paths.checkpoint.exists():

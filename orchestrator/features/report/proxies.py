@@ -12,9 +12,9 @@ import numpy as np
 from estimators import proxies as px
 from estimators import triage as tr
 
-from . import proxies
-from .proxies import NO_DYNAMICS
-from .report_html import (SCATTER_LIMIT, _figure, _figure_html, _note, _num, _png, _runs_of, _section, _table,
+from orchestrator.features import proxies
+from orchestrator.features.proxies import NO_DYNAMICS
+from orchestrator.features.report.page import (SCATTER_LIMIT, _figure, _figure_html, _note, _num, _png, _runs_of, _section, _table,
                           esc, no_estimates)
 
 LABELS = {"loss_sum": "cumulative training loss", "learn_epoch": "learning time (epoch)",

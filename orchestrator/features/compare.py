@@ -29,7 +29,7 @@ from estimators.stats import CORRECT
 from workers.errors import LongtailError
 from workers.storage import atomic_write_text
 
-from .aggregate import Aggregator
+from orchestrator.fold import Aggregator
 
 BLOCK_RUNS = 256
 CHANGED = 10
@@ -72,7 +72,7 @@ class Comparison:
 
 
 def open_folded(campaign_dir: str) -> Aggregator:
-    from .audit import open_folded as _open
+    from orchestrator.features.audit import open_folded as _open
 
     return _open(campaign_dir)
 
@@ -281,8 +281,8 @@ def summarize(comp: Comparison, k: int = CHANGED) -> dict:
 
 
 def write(comp: Comparison, summary: dict, dest: Path, a_name: str, b_name: str) -> list[Path]:
-    from .outputs import _clean
-    from .report import _figure, _png, _table
+    from orchestrator.estimates_files import _clean
+    from orchestrator.features.report import _figure, _png, _table
 
     dest.mkdir(parents=True, exist_ok=True)
     n = len(comp.labels)

@@ -28,10 +28,10 @@ import pyarrow.parquet as pq
 from estimators.estimates import error_bound
 from workers.storage import arrow_source, atomic_write_text, is_local, makedirs, open_input
 
-from .campaign import Campaign, create_or_open, read_examples
-from .report_html import (SCATTER_LIMIT, _figure, _figure_html, _note, _num, _pct, _png, _runs_of, _section,
+from orchestrator.campaign import Campaign, create_or_open, read_examples
+from orchestrator.features.report.page import (SCATTER_LIMIT, _figure, _figure_html, _note, _num, _pct, _png, _runs_of, _section,
                           _table, esc, no_estimates)
-from .report_proxies import section as proxies_section
+from orchestrator.features.report.proxies import section as proxies_section
 
 GALLERY_SIZE = 24  # most memorized training examples shown
 PAIR_ROWS = 10  # test examples shown with their influencers (the paper's MNIST figure has 10 rows)
@@ -310,7 +310,7 @@ def gallery_section(inp: Inputs) -> str:
     finite = np.flatnonzero(np.isfinite(m["mem"]))
     top = finite[np.argsort(-m["mem"][finite], kind="stable")][:GALLERY_SIZE]
     planted = set(inp.meta.get("info", {}).get("mislabeled") or [])
-    from .proxies import describe, read_triage
+    from orchestrator.features.proxies import describe, read_triage
 
     triage = read_triage(inp.c.paths)  # None before triage existed
     caption = (f"The {len(top)} highest of {len(finite):,} estimates, {inp.mem_runs:,} runs: estimate ± standard "

@@ -33,7 +33,7 @@ from estimators import privacy as pv
 from estimators.stats import CORRECT
 from workers.errors import LongtailError
 
-from . import spec as specs
+from orchestrator import spec as specs
 
 COVERAGE = 0.85
 MAX_Z = 5.0
@@ -95,9 +95,9 @@ def _against_truth(name: str, estimate, se, low, high, truth) -> Check:
 
 def check(campaign_dir, nodes: set[str] | None = None) -> list[Check]:
     """The checks on a finished self-test campaign directory (estimates/ as written, shards as stored)."""
-    from .aggregate import Aggregator
-    from .campaign import create_or_open
-    from .driver import RunReport, fold_existing
+    from orchestrator.fold import Aggregator
+    from orchestrator.campaign import create_or_open
+    from orchestrator.driver import RunReport, fold_existing
 
     c = create_or_open(None, campaign_dir, load_data=False)
     checks = []
@@ -172,8 +172,8 @@ def _cluster_nodes(ray) -> set[str]:
 
 def run_selftest(address: str | None = None, out: str | None = None, runs: int = 400, say=click.echo) -> tuple[list[Check], Path]:
     """Run the self-test campaign (in `out`, or a temporary directory) on the cluster at `address`."""
-    from .campaign import create_or_open
-    from .driver import ray_init, run_campaign
+    from orchestrator.campaign import create_or_open
+    from orchestrator.driver import ray_init, run_campaign
 
     root = Path(out) if out else Path(tempfile.mkdtemp(prefix="longtail-selftest-")) / "campaign"
     if root.exists() and any(root.iterdir()):

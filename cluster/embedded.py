@@ -23,8 +23,8 @@ import time
 
 from workers.errors import LongtailError
 
-from . import dashboard
-from .campaign import Campaign
+from cluster import dashboard
+from orchestrator.campaign import Campaign
 
 INTERRUPTED = 130
 STARTED_AT = "LONGTAIL_STARTED_AT"  # the embedding command's start (time.time()), for the job's "in all"
@@ -46,7 +46,7 @@ def start_head(num_cpus: int | None, dashboard_host: str, dashboard_port: int):
     from ray._private.node import Node
     from ray._private.parameter import RayParams
 
-    from .driver import quiet_token_auth
+    from orchestrator.driver import quiet_token_auth
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     quiet_token_auth()  # Ray's default (token on), without its warning on every command
@@ -110,8 +110,8 @@ def run_as_job(campaign: Campaign, progress: bool, top: int, dashboard_host: str
     """Run the campaign as a job on an embedded head; returns the exit status of its driver.
     started_at: when the command began (time.time()), so that the job's "in all" is the command's."""
     started_at = time.time() if started_at is None else started_at
-    from . import jobs
-    from .driver import warn_if_exposed
+    from cluster import jobs
+    from orchestrator.driver import warn_if_exposed
 
     warn_if_exposed(dashboard_host, say)
     node = start_head(campaign.spec.resources.local_cpus or None, dashboard_host, dashboard_port)
@@ -140,7 +140,7 @@ def follow(url: str, submission_id: str, say, stop_wait: float = 120.0) -> int:
 
     The log is read in a thread: a Ctrl-C that lands inside the job client's asyncio stream would
     leave it half-consumed (and Python prints a traceback when it collects it)."""
-    from . import jobs
+    from cluster import jobs
 
     # the job client logs "WebSocket closed ..." at INFO when the log ends: noise on a user's terminal
     logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)

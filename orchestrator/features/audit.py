@@ -28,9 +28,9 @@ from workers.errors import LongtailError
 from workers.shard import META_KEY, read_shard
 from workers.storage import atomic_write_text
 
-from .aggregate import Aggregator
-from .campaign import Campaign, create_or_open, read_examples
-from .paths import CampaignPaths
+from orchestrator.fold import Aggregator
+from orchestrator.campaign import Campaign, create_or_open, read_examples
+from orchestrator.paths import CampaignPaths
 
 FPRS = (0.001, 0.01)
 ATTACKS = ("online", "offline", "threshold")
@@ -233,7 +233,7 @@ def open_folded(campaign_dir: str) -> Aggregator:
         click.echo(f"longtail: {note}", err=True)
     # shards not in the checkpoint (or all of them, for a checkpoint without the risk sums) are folded
     # here in memory; the checkpoint stays the campaign driver's to write
-    from .driver import RunReport, fold_existing
+    from orchestrator.driver import RunReport, fold_existing
 
     fold_existing(c, agg, RunReport(planned=c.plan.runs, already_done=0))
     agg.flush()
@@ -312,7 +312,7 @@ def audit_command(campaign_dir, targets, run_range, variance, dest):
               "shadow_runs": int(agg.risk.count_in[0] + agg.risk.count_out[0]),
               "targets": [{"name": s.target.name, "kind": s.target.kind, "run": s.target.run} for s in results],
               "metrics": metrics}
-    from .outputs import _clean
+    from orchestrator.estimates_files import _clean
 
     atomic_write_text(out / "audit.json", json.dumps(_clean(report), indent=2) + "\n")
     click.echo(f"audited {len(results)} targets against {report['shadow_runs']} runs of {c.name!r} (statistic "

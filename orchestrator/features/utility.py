@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from workers.shard import ShardError, read_shard
 from workers.storage import arrow_source, atomic_write_bytes, atomic_write_text, is_temporary, makedirs, move
 
-from .campaign import Campaign, CampaignError
+from orchestrator.campaign import Campaign, CampaignError
 
 FULL, MEMORIZED, RANDOM, PAIRS = "full", "memorized", "random", "pairs"
 
@@ -277,8 +277,8 @@ def _read_pairs(c: Campaign) -> tuple[np.ndarray, np.ndarray] | None:
 def run_utility(campaign_dir, thresholds: list[float], runs: int = 5, pairs: bool | None = None,
                 address: str | None = None, progress: bool = True) -> UtilityReport:
     """Train what is missing of the follow-up experiment on DIR and write DIR/utility/. Resumable."""
-    from .campaign import create_or_open
-    from .lock import DriverLock, LockedError
+    from orchestrator.campaign import create_or_open
+    from orchestrator.lock import DriverLock, LockedError
 
     start = time.monotonic()
     c = create_or_open(None, campaign_dir, load_data=False)
@@ -404,9 +404,9 @@ def _train(c: Campaign, todo: list[FollowUpRun], total: int, address: str | None
 
     from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
-    from .driver import _ANSI, ray_init
-    from .pool import WorkerPool, runs_per_call
-    from .progress import Progress
+    from orchestrator.driver import _ANSI, ray_init
+    from orchestrator.pool import WorkerPool, runs_per_call
+    from orchestrator.progress import Progress
 
     ray, owned, _ = ray_init(address, c.spec.resources.local_cpus)
     res = c.spec.resources
@@ -526,7 +526,7 @@ COLUMNS = ("name", "kind", "threshold", "removed", "removed_share", "runs", "acc
 
 
 def _write_results(paths, report: UtilityReport) -> None:
-    from .outputs import _clean, write_parquet
+    from orchestrator.estimates_files import _clean, write_parquet
 
     cols = {k: [row[k] for row in report.rows] for k in COLUMNS}
     table = pa.table({k: pa.array(v, pa.string() if k in ("name", "kind") else

@@ -39,10 +39,10 @@ import numpy as np
 
 from estimators.estimates import error_bound
 
-from . import spec as specs
-from .campaign import CampaignError
-from .pool import runs_per_call
-from .progress import format_bytes, format_seconds
+from orchestrator import spec as specs
+from orchestrator.campaign import CampaignError
+from orchestrator.pool import runs_per_call
+from orchestrator.progress import format_bytes, format_seconds
 
 DEFAULT_TARGET_SE = 0.05
 TOPK_ROW_BYTES = 26  # test int32, rank int16, train int32, infl/se/ci_low/ci_high float32 (uncompressed)
@@ -185,10 +185,10 @@ def measure_pilot(spec: specs.Spec, pilot: int, address: str | None, progress: b
 
     from workers.shard import read_meta
 
-    from .aggregate import influence_mode
-    from .campaign import create_or_open
-    from .driver import CampaignInterrupted, ray_init, run_campaign
-    from .pool import WorkerPool
+    from orchestrator.fold import influence_mode
+    from orchestrator.campaign import create_or_open
+    from orchestrator.driver import CampaignInterrupted, ray_init, run_campaign
+    from orchestrator.pool import WorkerPool
 
     pspec = pilot_spec(spec, pilot)
     tmp = Path(tempfile.mkdtemp(prefix="longtail-pilot-"))
@@ -412,6 +412,6 @@ def plan_command(spec_file, pilot, address, as_json, progress):
     estimates will reach, with the runs needed for a target standard error."""
     spec = specs.load(spec_file)  # errors: one line, from the CLI's handler (orchestrator/cli.py)
     plan = measure_pilot(spec, pilot, address, progress, spec_file)
-    from .outputs import _clean
+    from orchestrator.estimates_files import _clean
 
     click.echo(json.dumps(_clean(plan), indent=2) if as_json else format_plan(plan))

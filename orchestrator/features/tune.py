@@ -20,8 +20,8 @@ import numpy as np
 
 from workers.errors import LongtailError
 
-from . import spec as specs
-from .plan import make_plan
+from orchestrator import spec as specs
+from orchestrator.plan import make_plan
 
 
 class TuneError(LongtailError, ValueError):
@@ -75,7 +75,7 @@ def tune_recipe(spec: specs.Spec, samples: int, max_epochs: int, address: str | 
     if spec.train.trainer:
         raise TuneError("[train] trainer is a plug-in learner: `longtail tune` tunes the torch recipe "
                         "([train] lr, weight_decay, epochs), which a plug-in does not use")
-    from .driver import ray_init
+    from orchestrator.driver import ray_init
 
     _, owned, _ = ray_init(address, spec.resources.local_cpus)
     c = spec.campaign

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from workers.errors import LongtailError
 
-from . import spec as specs
+from orchestrator import spec as specs
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_WAIT_SECONDS = 120.0  # a head under load took over a minute to start its job agent

@@ -31,7 +31,7 @@ from estimators import privacy as pv
 from estimators.stats import CORRECT
 from workers.storage import atomic_path, atomic_write_text, makedirs
 
-from .aggregate import Aggregator
+from orchestrator.fold import Aggregator
 
 MEM_THRESHOLDS = (0.1, 0.25, 0.5, 0.75)
 
@@ -310,7 +310,7 @@ def write_estimates(agg: Aggregator, complete: bool, final: bool = True, extra: 
     if final and c.spec.estimates.split_half:
         out["split_half"] = split_half(agg, half_sets)
     if agg.stats.runs:  # training-dynamics proxies and triage (orchestrator/proxies.py)
-        from . import proxies
+        from orchestrator.features import proxies
 
         out.update(proxies.write(agg, mems[CORRECT].mem, write_parquet, write_npy, final))
     out.update(extra or {})
