@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from urllib.parse import urlencode
 
-import click
 
 # what each chart shows: Prometheus expressions over the series the driver exports
 QUERIES = (
@@ -69,45 +65,3 @@ def command(data_dir: Path, discovery: Path, port: int, scrape_interval: str) ->
     config.write_text(config_text(discovery, scrape_interval))
     return [binary, f"--config.file={config}", f"--storage.tsdb.path={data_dir / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=60d"]
-
-
-@click.command("monitor")
-@click.option("--ray-temp-dir", default=None,
-              help="Ray's temp dir on this machine (default: $RAY_TMPDIR or /tmp; `ray start --temp-dir` sets it)")
-@click.option("--port", default=9090, show_default=True, help="port of Prometheus, on 127.0.0.1")
-@click.option("--data", "data_dir", type=click.Path(file_okay=False), default="~/.longtail/prometheus",
-              show_default=True, help="where Prometheus keeps its config and time series")
-@click.option("--scrape-interval", default="10s", show_default=True,
-              help="how often each node's metrics are read (Prometheus duration)")
-def monitor_command(ray_temp_dir, port, data_dir, scrape_interval):
-    """Chart the campaign's metrics: start Prometheus on this Ray cluster's metrics and print its graph page.
-
-    Run it on the head node (where `longtail run` or `ray start --head` runs) while or before a
-    campaign runs; it stays in the foreground until Ctrl-C. The series keep their history in --data."""
-    discovery = discovery_file(ray_temp_dir)
-    try:
-        cmd = command(Path(data_dir).expanduser(), discovery, port, scrape_interval)
-    except MonitorError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    if not discovery.exists():
-        click.echo(f"longtail: no Ray cluster has written {discovery} yet; Prometheus reads it as soon as one "
-                   f"starts (another Ray temp dir? give --ray-temp-dir)", err=True)
-    click.echo(f"longtail: Prometheus at http://127.0.0.1:{port}, scraping the nodes listed in {discovery} "
-               f"every {scrape_interval}", err=True)
-    click.echo(f"longtail: the campaign's charts ({', '.join(name for name, _ in QUERIES)}): {graph_url(port)}",
-               err=True)
-    click.echo("longtail: Grafana is not needed; on a remote head, tunnel the port: "
-               f"ssh -L {port}:127.0.0.1:{port} HEAD", err=True)
-    log = Path(data_dir).expanduser() / "prometheus.log"
-    with open(log, "ab") as sink:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sink)
-    try:
-        code = proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-        return
-    click.echo(f"error: Prometheus exited with status {code} (port {port} taken? another --data?); its log: {log}",
-               err=True)
-    sys.exit(1)

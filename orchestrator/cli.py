@@ -554,7 +554,7 @@ def proxies_command(campaign_dir, as_json):
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"agreement of each proxy (averaged over the first RUNS runs) with memorization, 95% bootstrap CI:")
+    click.echo("agreement of each proxy (averaged over the first RUNS runs) with memorization, 95% bootstrap CI:")
     for line in proxies.format_table(rows):
         click.echo(line)
 
@@ -587,24 +587,224 @@ def tune_command(spec_file, samples, max_epochs, out, address):
     click.echo(f"wrote {path}; check it with: longtail validate {path}")
 
 
-# commands defined beside what they compute
-from orchestrator.features.utility import utility_command  # noqa: E402
-from orchestrator.features.cost import plan_command  # noqa: E402
-from orchestrator.features.report import report_command  # noqa: E402
-from cluster.monitor import monitor_command  # noqa: E402
+@main.command("utility")
+@click.argument("campaign_dir")
+@click.option("--thresholds", default="0.25,0.5", show_default=True,
+              help="memorization thresholds, comma-separated: each removes the examples with mem >= it")
+@click.option("--runs", type=click.IntRange(min=2), default=5, show_default=True,
+              help="models trained per condition (a standard error needs at least 2)")
+@click.option("--pairs/--no-pairs", default=None,
+              help="also remove the training examples of the high-influence pairs (default: on when the campaign "
+                   "found pairs)")
+@click.option("--address", default=None, envvar="LONGTAIL_RAY_ADDRESS",
+              help="join the Ray cluster at ADDR instead of starting a local one")
+@click.option("--progress/--no-progress", default=True, help="show the progress display")
+def utility_command(campaign_dir, thresholds, runs, pairs, address, progress):
+    """The marginal utility of memorized examples (Feldman & Zhang 2020, Fig. 2 and Sec. 3.3).
 
-main.add_command(monitor_command)
+    Retrains the campaign's recipe on the FULL training set of CAMPAIGN_DIR minus the examples with
+    memorization >= each threshold, minus as many random examples, and minus the training examples of
+    the high-influence pairs, RUNS models each, and compares their test accuracy with models trained on
+    the full set. Results in CAMPAIGN_DIR/utility/; rerunning trains only what is missing."""
+    from orchestrator.features.utility import format_report, parse_thresholds, run_utility
 
-for command in (report_command, utility_command, plan_command):
-    main.add_command(command)
+    values = parse_thresholds(thresholds)  # errors: one line, from the CLI's handler (orchestrator/cli.py)
+    report = run_utility(campaign_dir, values, runs=runs, pairs=pairs, address=address, progress=progress)
+    click.echo(format_report(report))
 
-# privacy risk, comparison of campaigns, self-test (docs/audit.md, docs/compare-and-selftest.md)
-from orchestrator.features.audit import audit_command  # noqa: E402
-from orchestrator.features.compare import compare_command  # noqa: E402
-from orchestrator.features.selftest import selftest_command  # noqa: E402
+@main.command("plan")
+@click.argument("spec_file", type=click.Path(dir_okay=False))
+@click.option("--pilot", type=click.IntRange(min=2), default=8, show_default=True,
+              help="runs of the pilot campaign the costs are measured on")
+@click.option("--address", default=None, envvar="LONGTAIL_RAY_ADDRESS",
+              help="measure on the Ray cluster at ADDR instead of an embedded local one")
+@click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
+@click.option("--progress/--no-progress", default=True, help="show the pilot's progress display")
+def plan_command(spec_file, pilot, address, as_json, progress):
+    """What the campaign SPEC_FILE describes will cost, from a short pilot on the target cluster.
 
-for command in (audit_command, compare_command, selftest_command):
-    main.add_command(command)
+    Runs PILOT runs of the spec in a temporary directory (deleted afterwards), then states seconds
+    per run, throughput, expected wall time, GPU- or CPU-hours, storage, and the standard error the
+    estimates will reach, with the runs needed for a target standard error."""
+    from orchestrator.features.cost import format_plan, measure_pilot
+
+    spec = specs.load(spec_file)  # errors: one line, from the CLI's handler (orchestrator/cli.py)
+    plan = measure_pilot(spec, pilot, address, progress, spec_file)
+    from orchestrator.estimates_files import _clean
+
+    click.echo(json.dumps(_clean(plan), indent=2) if as_json else format_plan(plan))
+
+@main.command("report")
+@click.argument("campaign_dir")
+def report_command(campaign_dir):
+    """Write CAMPAIGN_DIR/report/index.html: one self-contained page with the campaign's figures.
+
+    It can be written while the campaign runs (it then says how many runs it stands on)."""
+    from orchestrator.features.report import write_report
+
+    path, notes = write_report(campaign_dir)  # errors: one line, from the CLI's handler (orchestrator/cli.py)
+    for note in notes:
+        click.echo(f"warning: {note}", err=True)
+    click.echo(f"report: {path}")
+
+@main.command("monitor")
+@click.option("--ray-temp-dir", default=None,
+              help="Ray's temp dir on this machine (default: $RAY_TMPDIR or /tmp; `ray start --temp-dir` sets it)")
+@click.option("--port", default=9090, show_default=True, help="port of Prometheus, on 127.0.0.1")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), default="~/.longtail/prometheus",
+              show_default=True, help="where Prometheus keeps its config and time series")
+@click.option("--scrape-interval", default="10s", show_default=True,
+              help="how often each node's metrics are read (Prometheus duration)")
+def monitor_command(ray_temp_dir, port, data_dir, scrape_interval):
+    """Chart the campaign's metrics: start Prometheus on this Ray cluster's metrics and print its graph page.
+
+    Run it on the head node (where `longtail run` or `ray start --head` runs) while or before a
+    campaign runs; it stays in the foreground until Ctrl-C. The series keep their history in --data."""
+    import subprocess
+    import signal
+    from cluster.monitor import MonitorError, QUERIES, command, discovery_file, graph_url
+
+    discovery = discovery_file(ray_temp_dir)
+    try:
+        cmd = command(Path(data_dir).expanduser(), discovery, port, scrape_interval)
+    except MonitorError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    if not discovery.exists():
+        click.echo(f"longtail: no Ray cluster has written {discovery} yet; Prometheus reads it as soon as one "
+                   f"starts (another Ray temp dir? give --ray-temp-dir)", err=True)
+    click.echo(f"longtail: Prometheus at http://127.0.0.1:{port}, scraping the nodes listed in {discovery} "
+               f"every {scrape_interval}", err=True)
+    click.echo(f"longtail: the campaign's charts ({', '.join(name for name, _ in QUERIES)}): {graph_url(port)}",
+               err=True)
+    click.echo("longtail: Grafana is not needed; on a remote head, tunnel the port: "
+               f"ssh -L {port}:127.0.0.1:{port} HEAD", err=True)
+    log = Path(data_dir).expanduser() / "prometheus.log"
+    with open(log, "ab") as sink:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sink)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        return
+    click.echo(f"error: Prometheus exited with status {code} (port {port} taken? another --data?); its log: {log}",
+               err=True)
+    sys.exit(1)
+
+@main.command("audit")
+@click.argument("campaign_dir")
+@click.argument("targets", nargs=-1)
+@click.option("--runs", "run_range", default=None,
+              help="also audit this campaign's runs START:STOP (their shards; each is taken out of the fit)")
+@click.option("--variance", type=click.Choice(["auto", "global", "per-example"]), default="auto", show_default=True,
+              help="per-example variances, or one per side shared by all examples (better with few runs)")
+@click.option("--out", "dest", type=click.Path(file_okay=False), default=None,
+              help="directory for the scores (default: CAMPAIGN_DIR/audit)")
+def audit_command(campaign_dir, targets, run_range, variance, dest):
+    """Membership scores of TARGET models on CAMPAIGN_DIR's training examples (likelihood-ratio attack).
+
+    TARGET is a run shard of this or another campaign on the same dataset, or a table of a model's
+    outputs (docs/audit.md). Writes one Parquet file of online and offline scores per target; with
+    known membership also prints ROC AUC and TPR at 0.1% and 1% FPR against the loss-threshold baseline."""
+    import numpy as np
+    from workers.storage import atomic_write_text
+    from orchestrator.features.audit import AuditError, parse_runs, evaluate, format_metrics, load_target, open_for_audit, score, write_scores
+
+    if not targets and not run_range:
+        raise AuditError("no target: give TARGET files or --runs START:STOP (docs/audit.md)")
+    agg = open_for_audit(campaign_dir)
+    c = agg.c
+    paths = list(targets)
+    if run_range:
+        missing = [r for r in parse_runs(run_range, c.plan.runs) if not c.paths.shard(r).exists()]
+        if missing:
+            raise AuditError(f"--runs {run_range}: runs {missing[:5]}{'...' if len(missing) > 5 else ''} have no "
+                             f"shard in {c.paths.runs_dir}; resume the campaign or choose finished runs")
+        paths += [str(c.paths.shard(r)) for r in parse_runs(run_range, c.plan.runs)]
+    if dest is None and "://" in campaign_dir:
+        raise AuditError("scores are written to a local directory: give --out for a campaign on an object store")
+    out = Path(dest) if dest else Path(campaign_dir) / "audit"
+    out.mkdir(parents=True, exist_ok=True)
+    gv = {"auto": "auto", "global": True, "per-example": False}[variance]
+    results = [score(agg, load_target(agg, t), gv) for t in paths]
+    files = [write_scores(out, s, c, agg.risk_source) for s in results]
+    metrics = evaluate(results)
+    report = {"campaign": c.name, "statistic": agg.risk_source, "global_variance": results[0].fits.global_variance,
+              "shadow_runs": int(agg.risk.count_in[0] + agg.risk.count_out[0]),
+              "targets": [{"name": s.target.name, "kind": s.target.kind, "run": s.target.run} for s in results],
+              "metrics": metrics}
+    from orchestrator.estimates_files import _clean
+
+    atomic_write_text(out / "audit.json", json.dumps(_clean(report), indent=2) + "\n")
+    click.echo(f"audited {len(results)} targets against {report['shadow_runs']} runs of {c.name!r} (statistic "
+               f"{agg.risk_source}, {'global' if report['global_variance'] else 'per-example'} variance); a run "
+               f"of this campaign is taken out of the fit before it is scored")
+    for s in results[:5]:
+        top = np.argsort(-np.nan_to_num(s.online, nan=-np.inf))[:5]
+        click.echo(f"  {s.target.name}: highest online scores at examples {top.tolist()}")
+    if metrics:
+        click.echo(format_metrics(metrics))
+    click.echo(f"scores in {out}/ ({len(files)} files and audit.json)")
+
+@main.command("compare")
+@click.argument("a")
+@click.argument("b")
+@click.option("--test", "test", default=None, help="test example ids (comma-separated) whose influence is compared")
+@click.option("--index-map", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="for a released-format B: .npy of the campaign's id of each of the file's training examples "
+                   "(or .npz with train and test arrays)")
+@click.option("--out", "dest", default=None, type=click.Path(file_okay=False),
+              help="directory for the comparison (default: A/compare/<name of B>)")
+@click.option("--top", default=10, show_default=True, help="examples listed per direction")
+def compare_command(a, b, test, index_map, dest, top):
+    """Per-example differences between campaigns A and B on the same dataset: memorization, held-out accuracy
+    and influence on chosen test examples, paired when A and B share seed, design and ratio."""
+    from orchestrator.features.compare import parse_test_ids, compare, summarize, write
+
+    comp, agg = compare(a, b, parse_test_ids(test), index_map)
+    summary = summarize(comp, top)
+    b_name = Path(b).stem if Path(b).is_file() else Path(b).name
+    out = Path(dest) if dest else Path(a) / "compare" / b_name
+    files = write(comp, summary, out, agg.c.name, b_name)
+    m = summary["memorization"]
+    click.echo(f"{'PAIRED' if comp.paired else 'UNPAIRED'} comparison: {comp.why}")
+    click.echo(f"memorization A - B: mean {m['mean_diff']:+.4f}, mean standard error {m['mean_se']:.4f}, "
+               f"{m['significant_at_2se']} examples beyond 2 standard errors; Spearman {m['spearman']:.3f}")
+    if "held_out_accuracy" in summary:
+        h = summary["held_out_accuracy"]
+        click.echo(f"held-out accuracy A - B: mean {h['mean_diff']:+.4f} (mean standard error {h['mean_se']:.4f})")
+    if "influence" in summary:
+        i = summary["influence"]
+        click.echo(f"influence on {len(i['test_examples'])} test examples: mean |A - B| {i['mean_abs_diff']:.4f} "
+                   f"(mean standard error {i['mean_se']:.4f})")
+    for title, rows in (("increased most", summary["increased_most"]), ("decreased most", summary["decreased_most"])):
+        click.echo(f"memorization {title}: " + ", ".join(f"{r['example']} ({r['diff']:+.3f} ± {r['se']:.3f})"
+                                                         for r in rows[:5]))
+    click.echo(f"written: {', '.join(str(f) for f in files)}")
+
+@main.command("selftest")
+@click.option("--address", default=None, envvar="LONGTAIL_RAY_ADDRESS",
+              help="the Ray cluster a campaign would use (default: an embedded local one)")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="keep the self-test campaign in this new directory (default: a temporary one, removed on PASS)")
+@click.option("--runs", type=click.IntRange(min=100), default=400, show_default=True, help="runs of the self-test")
+def selftest_command(address, out, runs):
+    """Check a cluster and this installation end to end in under a minute: a small campaign of a learner whose
+    memorization and influence are known exactly, on every node; prints PASS or what failed."""
+    import shutil
+    from orchestrator.features.selftest import SelftestFailed, run_selftest
+
+    checks, root = run_selftest(address, out, runs)
+    for ch in checks:
+        click.echo(f"  {'ok  ' if ch.ok else 'FAIL'} {ch.name}: {ch.detail}")
+    failed = [ch.name for ch in checks if not ch.ok]
+    if failed:
+        raise SelftestFailed(f"selftest FAILED ({', '.join(failed)}); the campaign is kept in {root} for inspection")
+    if out is None:
+        shutil.rmtree(root.parent, ignore_errors=True)
+    click.echo("PASS")
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

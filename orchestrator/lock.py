@@ -11,7 +11,6 @@ import json
 import os
 import socket
 import time
-from pathlib import Path
 
 from workers.errors import LongtailError
 from workers.storage import StorageError, atomic_write_text, is_local, makedirs

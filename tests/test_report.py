@@ -87,7 +87,7 @@ def estimate(c, complete=True):
 
 
 def make_report(c) -> str:
-    r = CliRunner().invoke(report.report_command, [str(c.paths.root)], catch_exceptions=False)
+    r = CliRunner().invoke(main, ["report", str(c.paths.root)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "warning" not in r.output, r.output  # no section failed
     assert c.paths.report.exists()
@@ -425,7 +425,7 @@ def test_utility_results_are_drawn(digits, tmp_path):
         "runs": [3, 3, 3], "acc_mean": [0.9, 0.8, 0.88], "acc_se": [0.01, 0.01, 0.01],
         "drop": [0.0, 0.1, 0.02], "drop_se": [np.nan, 0.014, 0.014]}), root / "utility" / "utility.parquet")
     page = root / "report" / "index.html"
-    r = CliRunner().invoke(report.report_command, [str(root)], catch_exceptions=False)
+    r = CliRunner().invoke(main, ["report", str(root)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     text = page.read_text()
     dom = check_page(text, page, tmp_path)

@@ -26,7 +26,6 @@ import pyarrow.parquet as pq
 from estimators import privacy as pv
 from workers.errors import LongtailError
 from workers.shard import META_KEY, read_shard
-from workers.storage import atomic_write_text
 
 from orchestrator.fold import Aggregator
 from orchestrator.campaign import Campaign, create_or_open, read_examples
@@ -254,7 +253,7 @@ def write_scores(dest: Path, s: Scores, campaign: Campaign, campaign_statistic: 
     return path
 
 
-def _parse_runs(text: str, runs: int) -> list[int]:
+def parse_runs(text: str, runs: int) -> list[int]:
     try:
         a, b = (int(v) for v in text.split(":"))
     except ValueError:
@@ -272,55 +271,3 @@ def format_metrics(metrics: dict) -> str:
         m = metrics[name]
         lines.append(f"{name:<10} {m['auc']:>8.3f} " + " ".join(f"{m[f'tpr_at_fpr_{f:g}']:>14.3f}" for f in FPRS))
     return "\n".join(lines)
-
-
-@click.command("audit")
-@click.argument("campaign_dir")
-@click.argument("targets", nargs=-1)
-@click.option("--runs", "run_range", default=None,
-              help="also audit this campaign's runs START:STOP (their shards; each is taken out of the fit)")
-@click.option("--variance", type=click.Choice(["auto", "global", "per-example"]), default="auto", show_default=True,
-              help="per-example variances, or one per side shared by all examples (better with few runs)")
-@click.option("--out", "dest", type=click.Path(file_okay=False), default=None,
-              help="directory for the scores (default: CAMPAIGN_DIR/audit)")
-def audit_command(campaign_dir, targets, run_range, variance, dest):
-    """Membership scores of TARGET models on CAMPAIGN_DIR's training examples (likelihood-ratio attack).
-
-    TARGET is a run shard of this or another campaign on the same dataset, or a table of a model's
-    outputs (docs/audit.md). Writes one Parquet file of online and offline scores per target; with
-    known membership also prints ROC AUC and TPR at 0.1% and 1% FPR against the loss-threshold baseline."""
-    if not targets and not run_range:
-        raise AuditError("no target: give TARGET files or --runs START:STOP (docs/audit.md)")
-    agg = open_for_audit(campaign_dir)
-    c = agg.c
-    paths = list(targets)
-    if run_range:
-        missing = [r for r in _parse_runs(run_range, c.plan.runs) if not c.paths.shard(r).exists()]
-        if missing:
-            raise AuditError(f"--runs {run_range}: runs {missing[:5]}{'...' if len(missing) > 5 else ''} have no "
-                             f"shard in {c.paths.runs_dir}; resume the campaign or choose finished runs")
-        paths += [str(c.paths.shard(r)) for r in _parse_runs(run_range, c.plan.runs)]
-    if dest is None and "://" in campaign_dir:
-        raise AuditError("scores are written to a local directory: give --out for a campaign on an object store")
-    out = Path(dest) if dest else Path(campaign_dir) / "audit"
-    out.mkdir(parents=True, exist_ok=True)
-    gv = {"auto": "auto", "global": True, "per-example": False}[variance]
-    results = [score(agg, load_target(agg, t), gv) for t in paths]
-    files = [write_scores(out, s, c, agg.risk_source) for s in results]
-    metrics = evaluate(results)
-    report = {"campaign": c.name, "statistic": agg.risk_source, "global_variance": results[0].fits.global_variance,
-              "shadow_runs": int(agg.risk.count_in[0] + agg.risk.count_out[0]),
-              "targets": [{"name": s.target.name, "kind": s.target.kind, "run": s.target.run} for s in results],
-              "metrics": metrics}
-    from orchestrator.estimates_files import _clean
-
-    atomic_write_text(out / "audit.json", json.dumps(_clean(report), indent=2) + "\n")
-    click.echo(f"audited {len(results)} targets against {report['shadow_runs']} runs of {c.name!r} (statistic "
-               f"{agg.risk_source}, {'global' if report['global_variance'] else 'per-example'} variance); a run "
-               f"of this campaign is taken out of the fit before it is scored")
-    for s in results[:5]:
-        top = np.argsort(-np.nan_to_num(s.online, nan=-np.inf))[:5]
-        click.echo(f"  {s.target.name}: highest online scores at examples {top.tolist()}")
-    if metrics:
-        click.echo(format_metrics(metrics))
-    click.echo(f"scores in {out}/ ({len(files)} files and audit.json)")

@@ -17,7 +17,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,7 +31,6 @@ from workers.storage import atomic_write_text
 from orchestrator.fold import Aggregator
 
 BLOCK_RUNS = 256
-CHANGED = 10
 
 
 class CompareError(LongtailError, ValueError):
@@ -255,7 +253,7 @@ def compare(a_dir: str, b: str, test_ids=(), index_map: str | None = None) -> tu
     return _compare_unpaired(a, bagg, test_ids, why), a
 
 
-def summarize(comp: Comparison, k: int = CHANGED) -> dict:
+def summarize(comp: Comparison, k: int) -> dict:
     labels = comp.labels
     per_class = {int(c): pv.rank_correlation(comp.mem_a[labels == c], comp.mem_b[labels == c])
                  for c in np.unique(labels)}
@@ -335,45 +333,10 @@ td,th{{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}}</style></
     return files
 
 
-def _test_ids(text: str | None) -> list[int]:
+def parse_test_ids(text: str | None) -> list[int]:
     if not text:
         return []
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise CompareError(f"--test: expected comma-separated test example ids, found {text!r}") from None
-
-
-@click.command("compare")
-@click.argument("a")
-@click.argument("b")
-@click.option("--test", "test", default=None, help="test example ids (comma-separated) whose influence is compared")
-@click.option("--index-map", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="for a released-format B: .npy of the campaign's id of each of the file's training examples "
-                   "(or .npz with train and test arrays)")
-@click.option("--out", "dest", default=None, type=click.Path(file_okay=False),
-              help="directory for the comparison (default: A/compare/<name of B>)")
-@click.option("--top", default=CHANGED, show_default=True, help="examples listed per direction")
-def compare_command(a, b, test, index_map, dest, top):
-    """Per-example differences between campaigns A and B on the same dataset: memorization, held-out accuracy
-    and influence on chosen test examples, paired when A and B share seed, design and ratio."""
-    comp, agg = compare(a, b, _test_ids(test), index_map)
-    summary = summarize(comp, top)
-    b_name = Path(b).stem if Path(b).is_file() else Path(b).name
-    out = Path(dest) if dest else Path(a) / "compare" / b_name
-    files = write(comp, summary, out, agg.c.name, b_name)
-    m = summary["memorization"]
-    click.echo(f"{'PAIRED' if comp.paired else 'UNPAIRED'} comparison: {comp.why}")
-    click.echo(f"memorization A - B: mean {m['mean_diff']:+.4f}, mean standard error {m['mean_se']:.4f}, "
-               f"{m['significant_at_2se']} examples beyond 2 standard errors; Spearman {m['spearman']:.3f}")
-    if "held_out_accuracy" in summary:
-        h = summary["held_out_accuracy"]
-        click.echo(f"held-out accuracy A - B: mean {h['mean_diff']:+.4f} (mean standard error {h['mean_se']:.4f})")
-    if "influence" in summary:
-        i = summary["influence"]
-        click.echo(f"influence on {len(i['test_examples'])} test examples: mean |A - B| {i['mean_abs_diff']:.4f} "
-                   f"(mean standard error {i['mean_se']:.4f})")
-    for title, rows in (("increased most", summary["increased_most"]), ("decreased most", summary["decreased_most"])):
-        click.echo(f"memorization {title}: " + ", ".join(f"{r['example']} ({r['diff']:+.3f} ± {r['se']:.3f})"
-                                                         for r in rows[:5]))
-    click.echo(f"written: {', '.join(str(f) for f in files)}")

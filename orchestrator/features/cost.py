@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import click
 import numpy as np
 
 from estimators.estimates import error_bound
@@ -211,7 +210,7 @@ def measure_pilot(spec: specs.Spec, pilot: int, address: str | None, progress: b
                                           f"{spec_source or 'SPEC'}`") from None
             except CampaignError as e:  # e.g. the failure budget: its "longtail resume" hint does not apply here
                 first = _first_failure(campaign.paths)
-                raise PilotError(f"the pilot campaign failed: " + (
+                raise PilotError("the pilot campaign failed: " + (
                     f"{len(campaign.failed_runs())} of {pspec.campaign.runs} runs failed; first failure: {first}. "
                     f"Fix the cause (`longtail validate {spec_source or 'SPEC'}` checks the spec), then plan again"
                     if first else str(e))) from None
@@ -394,24 +393,3 @@ def format_plan(p: dict) -> str:
 
 def _count(n) -> str:
     return "n/a" if n is None else f"{n:,}"
-
-
-@click.command("plan")
-@click.argument("spec_file", type=click.Path(dir_okay=False))
-@click.option("--pilot", type=click.IntRange(min=2), default=8, show_default=True,
-              help="runs of the pilot campaign the costs are measured on")
-@click.option("--address", default=None, envvar="LONGTAIL_RAY_ADDRESS",
-              help="measure on the Ray cluster at ADDR instead of an embedded local one")
-@click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
-@click.option("--progress/--no-progress", default=True, help="show the pilot's progress display")
-def plan_command(spec_file, pilot, address, as_json, progress):
-    """What the campaign SPEC_FILE describes will cost, from a short pilot on the target cluster.
-
-    Runs PILOT runs of the spec in a temporary directory (deleted afterwards), then states seconds
-    per run, throughput, expected wall time, GPU- or CPU-hours, storage, and the standard error the
-    estimates will reach, with the runs needed for a target standard error."""
-    spec = specs.load(spec_file)  # errors: one line, from the CLI's handler (orchestrator/cli.py)
-    plan = measure_pilot(spec, pilot, address, progress, spec_file)
-    from orchestrator.estimates_files import _clean
-
-    click.echo(json.dumps(_clean(plan), indent=2) if as_json else format_plan(plan))

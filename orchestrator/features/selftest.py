@@ -17,7 +17,6 @@ numbers come out everywhere; the thresholds were set with room: on a healthy run
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,7 +28,6 @@ import pyarrow.parquet as pq
 
 from estimators import closed_form as cf
 from estimators import estimates as est
-from estimators import privacy as pv
 from estimators.stats import CORRECT
 from workers.errors import LongtailError
 
@@ -191,23 +189,3 @@ def run_selftest(address: str | None = None, out: str | None = None, runs: int =
         if owned:
             ray.shutdown()
     return check(root, nodes), root
-
-
-@click.command("selftest")
-@click.option("--address", default=None, envvar="LONGTAIL_RAY_ADDRESS",
-              help="the Ray cluster a campaign would use (default: an embedded local one)")
-@click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="keep the self-test campaign in this new directory (default: a temporary one, removed on PASS)")
-@click.option("--runs", type=click.IntRange(min=100), default=400, show_default=True, help="runs of the self-test")
-def selftest_command(address, out, runs):
-    """Check a cluster and this installation end to end in under a minute: a small campaign of a learner whose
-    memorization and influence are known exactly, on every node; prints PASS or what failed."""
-    checks, root = run_selftest(address, out, runs)
-    for ch in checks:
-        click.echo(f"  {'ok  ' if ch.ok else 'FAIL'} {ch.name}: {ch.detail}")
-    failed = [ch.name for ch in checks if not ch.ok]
-    if failed:
-        raise SelftestFailed(f"selftest FAILED ({', '.join(failed)}); the campaign is kept in {root} for inspection")
-    if out is None:
-        shutil.rmtree(root.parent, ignore_errors=True)
-    click.echo("PASS")

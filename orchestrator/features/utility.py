@@ -33,7 +33,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import click
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -583,27 +582,3 @@ def format_report(report: UtilityReport) -> str:
               + f"; {info['seconds']:.1f} s",
               f"results in {info['directory']}/utility/ (utility.parquet, summary.json)"]
     return "\n".join(lines)
-
-
-@click.command("utility")
-@click.argument("campaign_dir")
-@click.option("--thresholds", default="0.25,0.5", show_default=True,
-              help="memorization thresholds, comma-separated: each removes the examples with mem >= it")
-@click.option("--runs", type=click.IntRange(min=2), default=5, show_default=True,
-              help="models trained per condition (a standard error needs at least 2)")
-@click.option("--pairs/--no-pairs", default=None,
-              help="also remove the training examples of the high-influence pairs (default: on when the campaign "
-                   "found pairs)")
-@click.option("--address", default=None, envvar="LONGTAIL_RAY_ADDRESS",
-              help="join the Ray cluster at ADDR instead of starting a local one")
-@click.option("--progress/--no-progress", default=True, help="show the progress display")
-def utility_command(campaign_dir, thresholds, runs, pairs, address, progress):
-    """The marginal utility of memorized examples (Feldman & Zhang 2020, Fig. 2 and Sec. 3.3).
-
-    Retrains the campaign's recipe on the FULL training set of CAMPAIGN_DIR minus the examples with
-    memorization >= each threshold, minus as many random examples, and minus the training examples of
-    the high-influence pairs, RUNS models each, and compares their test accuracy with models trained on
-    the full set. Results in CAMPAIGN_DIR/utility/; rerunning trains only what is missing."""
-    values = parse_thresholds(thresholds)  # errors: one line, from the CLI's handler (orchestrator/cli.py)
-    report = run_utility(campaign_dir, values, runs=runs, pairs=pairs, address=address, progress=progress)
-    click.echo(format_report(report))

@@ -20,7 +20,6 @@ import json
 import time
 from dataclasses import dataclass, field
 
-import click
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -882,15 +881,3 @@ def write_report(campaign_dir):
     makedirs(path.parent)
     atomic_write_text(path, page)
     return path, inp.notes
-
-
-@click.command("report")
-@click.argument("campaign_dir")
-def report_command(campaign_dir):
-    """Write CAMPAIGN_DIR/report/index.html: one self-contained page with the campaign's figures.
-
-    It can be written while the campaign runs (it then says how many runs it stands on)."""
-    path, notes = write_report(campaign_dir)  # errors: one line, from the CLI's handler (orchestrator/cli.py)
-    for note in notes:
-        click.echo(f"warning: {note}", err=True)
-    click.echo(f"report: {path}")
