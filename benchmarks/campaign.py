@@ -82,7 +82,8 @@ def per_core(runs: int, procs: int) -> float:
 
 def longtail(runs: int) -> dict:
     from orchestrator.campaign import create_or_open
-    from orchestrator.driver import ray_init, run_campaign
+    from cluster.connect import ray_init
+    from orchestrator.driver import run_campaign
 
     out = tempfile.mkdtemp(prefix="lt-bench-")
     try:

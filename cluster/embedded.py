@@ -46,7 +46,7 @@ def start_head(num_cpus: int | None, dashboard_host: str, dashboard_port: int):
     from ray._private.node import Node
     from ray._private.parameter import RayParams
 
-    from orchestrator.driver import quiet_token_auth
+    from cluster.connect import quiet_token_auth
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     quiet_token_auth()  # Ray's default (token on), without its warning on every command
@@ -111,7 +111,7 @@ def run_as_job(campaign: Campaign, progress: bool, top: int, dashboard_host: str
     started_at: when the command began (time.time()), so that the job's "in all" is the command's."""
     started_at = time.time() if started_at is None else started_at
     from cluster import jobs
-    from orchestrator.driver import warn_if_exposed
+    from cluster.connect import warn_if_exposed
 
     warn_if_exposed(dashboard_host, say)
     node = start_head(campaign.spec.resources.local_cpus or None, dashboard_host, dashboard_port)

@@ -13,7 +13,6 @@ fails with 401 (docs/cluster.md).
 from __future__ import annotations
 
 import importlib.util
-import os
 import shlex
 import shutil
 import sys
@@ -33,24 +32,9 @@ class JobError(LongtailError, RuntimeError):
     """A job-API call that failed: unreachable address, authentication, unknown submission id."""
 
 
-def _token_available() -> bool:
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return True
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
-    return Path(path).is_file()
-
-
-def send_token_if_available() -> None:
-    """Make this process's Ray client present the token (~/.ray/auth_token, RAY_AUTH_TOKEN[_PATH]).
-
-    Ray's clients send it only when RAY_AUTH_MODE=token, which Ray reads once, when it is first
-    imported: call this before importing ray. Without it every call to a token-protected cluster fails
-    (401 over HTTP, InvalidAuthToken over gRPC)."""
-    if "RAY_AUTH_MODE" not in os.environ and _token_available():
-        os.environ["RAY_AUTH_MODE"] = "token"
-
-
 def client(address: str):
+    from cluster.connect import send_token_if_available
+
     send_token_if_available()
     from ray.job_submission import JobSubmissionClient
 

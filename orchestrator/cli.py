@@ -132,7 +132,8 @@ def _run(spec: specs.Spec | None, out: str, address: str | None, progress: bool,
          dashboard_host: str = "127.0.0.1", dashboard_port: int = 8265, as_job: bool = True) -> None:
     from cluster import embedded
     from orchestrator.campaign import create_or_open
-    from orchestrator.driver import check_ray_address, run_campaign
+    from cluster.connect import check_ray_address
+    from orchestrator.driver import run_campaign
 
     # the command's start; a campaign run as a job on an embedded head counts from the `longtail run`
     # that started the head (embedded.STARTED_AT), so that "in all" covers the head's start-up too
@@ -166,7 +167,7 @@ def _run(spec: specs.Spec | None, out: str, address: str | None, progress: bool,
 
 def _stop_on_sigterm() -> None:
     """`ray job stop` and `kill` send SIGTERM: save the fold and exit as on Ctrl-C, not abruptly."""
-    from orchestrator.driver import interrupt_on_sigterm
+    from cluster.connect import interrupt_on_sigterm
 
     interrupt_on_sigterm()
 
@@ -454,7 +455,7 @@ def stop(submission_id, address):
 
 def _fold_pool(address: str, root, actors: int):
     """Fold actors on the cluster at `address` (orchestrator/foldpool.py)."""
-    from orchestrator.driver import _ray_init
+    from cluster.connect import _ray_init
     from orchestrator.foldpool import FoldPool
 
     ray, _, _ = _ray_init(address)

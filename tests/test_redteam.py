@@ -419,7 +419,7 @@ def test_16_report_hints_name_this_campaign(finished, tmp_path):
 
 def test_16_the_dashboard_url_is_a_url(monkeypatch):
     """Ray reports the dashboard as host:port (a Ray job's driver printed it so); longtail prints a URL."""
-    import orchestrator.driver as driver
+    import cluster.connect as driver
 
     monkeypatch.setattr(driver, "_ray_init", lambda *a: (None, True, "127.0.0.1:8265"))
     assert driver.ray_init(None)[2] == "http://127.0.0.1:8265"

@@ -186,7 +186,7 @@ def test_plugin_model_four_value_trainer_and_resource_options(ray_session, tmp_p
 def test_ray_token_variables(monkeypatch, tmp_path):
     """RAY_AUTH_TOKEN or a file at RAY_AUTH_TOKEN_PATH (else ~/.ray/auth_token) make longtail's Ray client
     present the token (RAY_AUTH_MODE=token); without any, it presents none; an explicit mode is kept."""
-    from cluster.jobs import send_token_if_available
+    from cluster.connect import send_token_if_available
 
     monkeypatch.setenv("HOME", str(tmp_path))
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):

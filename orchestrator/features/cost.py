@@ -186,7 +186,8 @@ def measure_pilot(spec: specs.Spec, pilot: int, address: str | None, progress: b
 
     from orchestrator.fold import influence_mode
     from orchestrator.campaign import create_or_open
-    from orchestrator.driver import CampaignInterrupted, ray_init, run_campaign
+    from cluster.connect import ray_init
+    from orchestrator.driver import CampaignInterrupted, run_campaign
     from orchestrator.pool import WorkerPool
 
     pspec = pilot_spec(spec, pilot)

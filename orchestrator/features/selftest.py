@@ -171,7 +171,8 @@ def _cluster_nodes(ray) -> set[str]:
 def run_selftest(address: str | None = None, out: str | None = None, runs: int = 400, say=click.echo) -> tuple[list[Check], Path]:
     """Run the self-test campaign (in `out`, or a temporary directory) on the cluster at `address`."""
     from orchestrator.campaign import create_or_open
-    from orchestrator.driver import ray_init, run_campaign
+    from cluster.connect import ray_init
+    from orchestrator.driver import run_campaign
 
     root = Path(out) if out else Path(tempfile.mkdtemp(prefix="longtail-selftest-")) / "campaign"
     if root.exists() and any(root.iterdir()):

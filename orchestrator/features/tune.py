@@ -75,7 +75,7 @@ def tune_recipe(spec: specs.Spec, samples: int, max_epochs: int, address: str | 
     if spec.train.trainer:
         raise TuneError("[train] trainer is a plug-in learner: `longtail tune` tunes the torch recipe "
                         "([train] lr, weight_decay, epochs), which a plug-in does not use")
-    from orchestrator.driver import ray_init
+    from cluster.connect import ray_init
 
     _, owned, _ = ray_init(address, spec.resources.local_cpus)
     c = spec.campaign

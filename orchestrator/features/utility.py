@@ -403,7 +403,8 @@ def _train(c: Campaign, todo: list[FollowUpRun], total: int, address: str | None
 
     from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
-    from orchestrator.driver import _ANSI, ray_init
+    from cluster.connect import ray_init
+    from orchestrator.driver import _ANSI
     from orchestrator.pool import WorkerPool, runs_per_call
     from orchestrator.progress import Progress
 
