@@ -6,8 +6,8 @@
 
 Each trains a campaign with [train] store = ["margin", "dynamics"] through longtail's own worker code
 (workers.worker.RunWorker, packed where the model allows; in this process, without Ray: the numbers do
-not depend on the scheduler), folds it with orchestrator.aggregate and writes estimates/ with
-orchestrator.outputs, then reads the estimates files back:
+not depend on the scheduler), folds it with orchestrator.fold and writes estimates/ with
+orchestrator.estimates_files, then reads the estimates files back:
 
 - mixture: longtail-mixture (2,000 training examples, 400 Zipf subpopulations) with 100 planted wrong
   labels (5%), an MLP 32-256-10 trained with Adam (the recipe of tests/test_campaign.py, which memorizes

@@ -79,12 +79,15 @@ def job_entrypoint(args: str) -> str:
             f"there, or start the head from its virtual environment (docs/cluster.md)' >&2; exit 2")
 
 
+STAGED_SPEC = "campaign.toml"  # the spec in the job's working directory (a temporary one, not a campaign's)
+
+
 def submit(spec: specs.Spec, address: str, out: str, extra_modules: list[str] = ()) -> str:
     """Submit the campaign; returns the submission id."""
     c = client(address)
     stage = Path(tempfile.mkdtemp(prefix="longtail-submit-"))
     try:
-        (stage / "campaign.toml").write_text(specs.dumps(spec))
+        (stage / STAGED_SPEC).write_text(specs.dumps(spec))
         for path in _plugin_paths(spec) + [Path(m) for m in extra_modules]:
             target = stage / path.name
             if path.is_dir():
@@ -92,7 +95,7 @@ def submit(spec: specs.Spec, address: str, out: str, extra_modules: list[str] = 
             else:
                 shutil.copy2(path, target)
         submission_id = f"longtail-{spec.campaign.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        entrypoint = job_entrypoint(f"run campaign.toml --out {out} --top 10")  # unquoted: ~ expands on the head
+        entrypoint = job_entrypoint(f"run {STAGED_SPEC} --out {out} --top 10")  # unquoted: ~ expands on the head
         return submit_entrypoint(address, entrypoint, submission_id, working_dir=str(stage),
                                  metadata={"longtail_campaign": spec.campaign.name, "longtail_out": out}, c=c)
     finally:

@@ -25,7 +25,7 @@ from workers.worker import preflight
 
 from orchestrator import plan as planning
 from orchestrator import spec as specs
-from orchestrator.paths import CampaignPaths
+from orchestrator.paths import CampaignPaths, is_probe
 
 
 class CampaignError(LongtailError, RuntimeError):
@@ -112,8 +112,9 @@ class Campaign:
         failed = set()
         if self.paths.failed_dir.exists():
             for entry in self.paths.failed_dir.iterdir():
-                if entry.name.startswith("run-") and entry.name.endswith(".json"):
-                    failed.add(int(entry.name[4:-5]))
+                run = self.paths.run_of_failure(entry.name)
+                if run is not None:
+                    failed.add(run)
         return failed
 
     def failure_reasons(self) -> dict[str, int]:
@@ -141,7 +142,7 @@ class Campaign:
                   self.paths.root):
             if d.exists():
                 for entry in d.iterdir():
-                    if (is_temporary(entry.name) or entry.name.startswith(".probe-")) and entry.is_file():
+                    if (is_temporary(entry.name) or is_probe(entry.name)) and entry.is_file():
                         entry.unlink(missing_ok=True)
                         removed.append(entry)
         return removed
@@ -173,22 +174,19 @@ def _check_spec(frozen: specs.Spec, new: specs.Spec, paths: CampaignPaths) -> No
             f"a campaign can grow but not shrink (its estimates may already include those runs)")
 
 
-RESULTS_RECORD = "results.json"  # in plan/: the result-changing keys the campaign was created with
-
-
 def _results_of(spec: specs.Spec) -> dict:
     return json.loads(json.dumps(spec.result_keys(), sort_keys=True, default=str))
 
 
 def _write_results_record(paths: CampaignPaths, spec: specs.Spec) -> None:
-    atomic_write_text(paths.plan_dir / RESULTS_RECORD, json.dumps(
+    atomic_write_text(paths.results_record, json.dumps(
         {"result_hash": spec.result_hash(), "result_keys": _results_of(spec)}, indent=2, sort_keys=True) + "\n")
 
 
 def _check_frozen(frozen: specs.Spec, paths: CampaignPaths) -> None:
     """Refuse a campaign.toml edited by hand in a key that changes results: its shards and fold were made
     with the values recorded at creation, and trusting the edit would throw them all away."""
-    record = paths.plan_dir / RESULTS_RECORD
+    record = paths.results_record
     if record.exists():
         try:
             created = json.loads(record.read_text())["result_keys"]
@@ -287,10 +285,10 @@ def create_or_open(spec: specs.Spec | None, root, load_data: bool = True) -> Cam
         return Campaign(paths, spec, plan, dataset, labels, meta["fingerprint"], notes)
 
     if spec is None:
-        raise CampaignError(f"{paths.root} is not a campaign directory (no campaign.toml); "
+        raise CampaignError(f"{paths.root} is not a campaign directory (no {paths.spec.name}); "
                             f"start one with: longtail run SPEC --out {paths.root}")
     if paths.root.exists() and any(p for p in paths.root.iterdir() if not is_temporary(p.name)):
-        raise CampaignError(f"{paths.root} exists, is not empty and holds no campaign.toml; refusing to write "
+        raise CampaignError(f"{paths.root} exists, is not empty and holds no {paths.spec.name}; refusing to write "
                             f"a campaign into it. Choose another --out directory.")
     dataset = load_dataset(spec.dataset.as_dict())
     preflight(spec.to_dict(), dataset)  # everything is checked before anything is written

@@ -15,6 +15,7 @@ import click
 from workers.errors import LongtailError
 
 from orchestrator import spec as specs
+from orchestrator.paths import AuditPaths, CampaignPaths
 from orchestrator.progress import format_bytes, format_seconds
 
 DEMO_SPEC = "demo.toml"
@@ -63,8 +64,14 @@ def _load_spec(path: str) -> specs.Spec:
     return specs.load(path)
 
 
+def _in_campaign(name: str) -> str:
+    """A campaign file's path inside any campaign directory, for messages: "state/fold.npz"."""
+    paths = CampaignPaths(".")
+    return paths.relative(getattr(paths, name))
+
+
 def _default_out(spec: specs.Spec) -> str:
-    return str(Path("campaigns") / spec.campaign.name)
+    return str(CampaignPaths.default_root(spec.campaign.name))
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,29 +102,31 @@ def validate(spec_file):
     click.echo(specs.dumps(spec))
     t = spec.campaign.runs
     rows = t * (data.n_train + data.n_test)
-    shard_bytes = rows * 2.9  # measured 2.6-2.9 bytes per row (docs/performance.md)
+    from estimators import precision  # the one size and precision model, shared with `longtail plan`
     from orchestrator.fold import fixed_sizes
 
+    shard_bytes = t * precision.shard_bytes(data.n_train, data.n_test)
     sizes_on_disk = fixed_sizes(spec, data)
     fold = sizes_on_disk["checkpoint"]
-    dense = spec.estimates.influence == "dense" or (
-        spec.estimates.influence == "auto" and fold > 4 * data.n_train * data.n_test)  # the fold holds dense sums
-    infl = data.n_train * data.n_test * 4 if dense else 0
+    e = spec.estimates
+    dense = precision.influence_mode(e.influence, e.memory_gb, data.n_train, data.n_test, len(e.soft)) == "dense"
+    infl = precision.dense_matrix_bytes(data.n_train, data.n_test) if dense else 0
     click.echo(f"# dataset {spec.dataset.name!r}: {data.n_train} train, {data.n_test} test examples, "
                f"{data.num_classes} classes, inputs {data.input_shape}")
     sizes = ", ".join(f"{subset_size(r, data.n_train)}" for r in spec.campaign.ratios)
     click.echo(f"# work: {t} runs x {data.n_train + data.n_test} examples = {rows:,} predictions; "
                f"each run trains on {'about ' if spec.campaign.design != 'fixed' else ''}{sizes} examples "
                f"({spec.campaign.design} design)")
-    plan_bytes = t * ((data.n_train + 7) // 8 + 8 + 1)
+    plan_bytes = precision.plan_bytes(t, data.n_train)
     other = sizes_on_disk["examples"] + fold + infl
     click.echo(f"# disk: about {format_bytes(shard_bytes + plan_bytes + other)}: {format_bytes(shard_bytes)} of shards, "
                f"{format_bytes(plan_bytes)} of plan, {format_bytes(sizes_on_disk['examples'])} example table, "
-               f"{format_bytes(fold)} fold checkpoint (state/fold.npz)"
+               f"{format_bytes(fold)} fold checkpoint ({_in_campaign('checkpoint')})"
                + (f", {format_bytes(infl)} dense influence estimate" if infl else ""))
     from estimators.estimates import error_bound
 
-    main_runs = len(range(spec.campaign.ratios.index(spec.primary_ratio), t, len(spec.campaign.ratios)))
+    c = spec.campaign
+    main_runs = precision.main_ratio_runs(t, c.design, len(c.ratios), c.ratios.index(spec.primary_ratio))
     click.echo(f"# error bound (paper, RMS per estimate) at {main_runs} runs of ratio {spec.primary_ratio}: "
                f"{error_bound(main_runs, spec.primary_ratio):.3f}")
 
@@ -187,8 +196,8 @@ def _print_result(paths, summary: dict, top: int, report=None) -> None:
     acc = summary.get("test_accuracy") or {}
     click.echo(f"{runs['folded']}/{runs['planned']} runs folded"
                + (f"; test accuracy {acc['mean']:.3f} ± {acc['std']:.3f} (mean ± sd over runs)" if acc else ""))
-    click.echo(f"estimates in {paths.estimates_dir}/ (memorization.parquet, "
-               f"{'influence.npy, high_influence_pairs.parquet, ' if paths.influence.exists() else ''}summary.json)")
+    dense = f"{paths.influence.name}, {paths.pairs.name}, " if paths.influence.exists() else ""
+    click.echo(f"estimates in {paths.estimates_dir}/ ({paths.memorization.name}, {dense}{paths.summary.name})")
     if top:
         show_top(paths, top, summary)
 
@@ -224,14 +233,10 @@ def _print_figures(summary: dict) -> None:
 
 
 def show_top(paths, k: int, summary: dict | None = None) -> None:
-    import pyarrow.parquet as pq
-
-    from workers.storage import arrow_source
-
+    from orchestrator.estimates_files import read_memorization
     from orchestrator.features import proxies
 
-    source, filesystem = arrow_source(paths.memorization)
-    t = pq.read_table(source, filesystem=filesystem).to_pandas()
+    t = read_memorization(paths).to_pandas()
     t = t[t["mem"].notna()].sort_values(["mem", "example"], ascending=[False, True]).head(k)
     triage = proxies.read_triage(paths)  # None for estimates written before triage existed
     click.echo(f"\nthe {k} most memorized training examples (estimate ± standard error"
@@ -298,6 +303,7 @@ def status(target, address, as_json):
         _job_status(target, address, as_json)
         return
     from orchestrator.campaign import create_or_open
+    from orchestrator.estimates_files import read_summary
     from orchestrator.lock import DriverLock
 
     campaign_dir = target
@@ -305,7 +311,7 @@ def status(target, address, as_json):
     finished = c.finished_runs()
     failed = c.failed_runs() - finished
     try:
-        summary = json.loads(c.paths.summary.read_text()) if c.paths.summary.exists() else {}
+        summary = read_summary(c.paths) or {}
     except ValueError:
         summary = {}  # rewritten at the next checkpoint; the counts below come from the directory itself
     lock = DriverLock(c.paths.lock)
@@ -411,7 +417,7 @@ def submit(spec_file, address, out, modules):
     from cluster import jobs
 
     spec = _load_spec(spec_file)
-    out = out or f"~/longtail-campaigns/{spec.campaign.name}"
+    out = out or CampaignPaths.default_cluster_root(spec.campaign.name)
     submission_id = jobs.submit(spec, address, out, list(modules))
     click.echo(f"submitted campaign {spec.campaign.name!r} as job {submission_id}")
     click.echo(f"campaign directory on the cluster: {out}")
@@ -513,7 +519,7 @@ def export(campaign_dir, fmt, dest):
         _fail(f"{c.paths.root} has no folded runs yet; run or resume the campaign first")
     if dest is None and "://" in campaign_dir:
         _fail("exports are written to a local directory: give --dest for a campaign on an object store")
-    files = (export_fz if fmt == "fz" else export_parquet)(agg, Path(dest) if dest else c.paths.root / "export")
+    files = (export_fz if fmt == "fz" else export_parquet)(agg, Path(dest) if dest else c.paths.export_dir)
     click.echo(f"exported {agg.stats.runs} runs of {c.name!r}:")
     for f in files:
         click.echo(f"  {f}")
@@ -550,7 +556,7 @@ def proxies_command(campaign_dir, as_json):
     except _errors() as e:
         _fail(str(e))
     if rows is None:
-        _fail(f"{c.paths.estimates_dir} has no proxy_agreement.parquet: {proxies.NO_DYNAMICS}; if the shards "
+        _fail(f"{c.paths.estimates_dir} has no {c.paths.proxy_agreement.name}: {proxies.NO_DYNAMICS}; if the shards "
               f"have dynamics, `longtail estimate {campaign_dir}` writes it")
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -631,9 +637,9 @@ def plan_command(spec_file, pilot, address, as_json, progress):
 
     spec = specs.load(spec_file)  # errors: one line, from the CLI's handler (orchestrator/cli.py)
     plan = measure_pilot(spec, pilot, address, progress, spec_file)
-    from orchestrator.estimates_files import _clean
+    from orchestrator.estimates_files import json_safe
 
-    click.echo(json.dumps(_clean(plan), indent=2) if as_json else format_plan(plan))
+    click.echo(json.dumps(json_safe(plan), indent=2) if as_json else format_plan(plan))
 
 @main.command("report")
 @click.argument("campaign_dir")
@@ -725,7 +731,7 @@ def audit_command(campaign_dir, targets, run_range, variance, dest):
         paths += [str(c.paths.shard(r)) for r in parse_runs(run_range, c.plan.runs)]
     if dest is None and "://" in campaign_dir:
         raise AuditError("scores are written to a local directory: give --out for a campaign on an object store")
-    out = Path(dest) if dest else Path(campaign_dir) / "audit"
+    out = Path(dest) if dest else Path(CampaignPaths(campaign_dir).audit_dir)
     out.mkdir(parents=True, exist_ok=True)
     gv = {"auto": "auto", "global": True, "per-example": False}[variance]
     results = [score(agg, load_target(agg, t), gv) for t in paths]
@@ -735,9 +741,9 @@ def audit_command(campaign_dir, targets, run_range, variance, dest):
               "shadow_runs": int(agg.risk.count_in[0] + agg.risk.count_out[0]),
               "targets": [{"name": s.target.name, "kind": s.target.kind, "run": s.target.run} for s in results],
               "metrics": metrics}
-    from orchestrator.estimates_files import _clean
+    from orchestrator.estimates_files import json_safe
 
-    atomic_write_text(out / "audit.json", json.dumps(_clean(report), indent=2) + "\n")
+    atomic_write_text(AuditPaths(out).summary, json.dumps(json_safe(report), indent=2) + "\n")
     click.echo(f"audited {len(results)} targets against {report['shadow_runs']} runs of {c.name!r} (statistic "
                f"{agg.risk_source}, {'global' if report['global_variance'] else 'per-example'} variance); a run "
                f"of this campaign is taken out of the fit before it is scored")
@@ -746,7 +752,7 @@ def audit_command(campaign_dir, targets, run_range, variance, dest):
         click.echo(f"  {s.target.name}: highest online scores at examples {top.tolist()}")
     if metrics:
         click.echo(format_metrics(metrics))
-    click.echo(f"scores in {out}/ ({len(files)} files and audit.json)")
+    click.echo(f"scores in {out}/ ({len(files)} files and {AuditPaths(out).summary.name})")
 
 @main.command("compare")
 @click.argument("a")
@@ -766,7 +772,7 @@ def compare_command(a, b, test, index_map, dest, top):
     comp, agg = compare(a, b, parse_test_ids(test), index_map)
     summary = summarize(comp, top)
     b_name = Path(b).stem if Path(b).is_file() else Path(b).name
-    out = Path(dest) if dest else Path(a) / "compare" / b_name
+    out = Path(dest) if dest else Path(CampaignPaths(a).compare_dir(b_name))
     files = write(comp, summary, out, agg.c.name, b_name)
     m = summary["memorization"]
     click.echo(f"{'PAIRED' if comp.paired else 'UNPAIRED'} comparison: {comp.why}")

@@ -1,39 +1,35 @@
-"""The Ray driver: train every planned run that has no shard yet, fold shards as they arrive.
+"""The campaign's driver: train every planned run that has no shard yet, fold shards as they arrive.
 
-Ray stays at this edge. Long-lived `RunWorker` actors (one per `cpus_per_worker`/`gpus_per_worker`
-slot) keep the dataset resident; the driver keeps at most `max_in_flight` runs dispatched, consumes
-them in completion order with `ray.wait`, verifies and folds each shard, checkpoints the fold every
-`checkpoint_seconds`, and records every failed run in failed/. A run whose worker or node dies goes
-back in the queue and is retried on another worker (`max_retries`, see orchestrator/pool.py); a
-run that fails on its own is recorded once and the campaign goes on, within a failure budget.
+run_campaign takes the lock, sweeps what a crash left, folds the shards the checkpoint lacks, and hands
+the missing runs to the Dispatcher (orchestrator/dispatch.py) on Ray's long-lived workers
+(orchestrator/pool.py), with CampaignRuns saying what to do with each finished run: verify its shard,
+pass it through the accuracy gate into the fold, checkpoint every `checkpoint_seconds`, stop early at
+the target precision. Retries of runs whose worker died, failure records (failed/) and the failure
+budget are the Dispatcher's.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from workers.errors import LongtailError
 from workers.shard import ShardError
-from workers.storage import atomic_write_bytes, atomic_write_text, makedirs, move
+from workers.results import WorkerResult
+from workers.storage import atomic_write_bytes
 
 from orchestrator.fold import Aggregator
 from orchestrator.campaign import Campaign, CampaignError
+from orchestrator.dispatch import Dispatcher, Job, Work
+from orchestrator.failures import record_failure, reject_shard
 from orchestrator.lock import DriverLock
 from orchestrator.estimates_files import write_estimates
-from cluster.connect import ray_init
 from cluster.dashboard import TASK_BAR_NOTE, url_line
 from orchestrator.progress import Progress
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class CampaignInterrupted(LongtailError):
@@ -68,25 +64,6 @@ def _say(msg: str) -> None:
     print(f"longtail: {msg}", file=sys.stderr, flush=True)
 
 
-def record_failure(campaign: Campaign, run: int, reason: str, detail: str = "", host: str = "",
-                   attempts: int | None = None) -> None:
-    makedirs(campaign.paths.failed_dir)
-    atomic_write_text(campaign.paths.failure(run), json.dumps({
-        "run": run, "reason": reason, "traceback": detail, "host": host, "attempts": attempts,
-        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
-
-
-def reject_shard(campaign: Campaign, run: int, why: str) -> None:
-    """Move an untrustworthy shard aside (never delete data) with a note saying why; the run is redone."""
-    paths = campaign.paths
-    makedirs(paths.rejected_dir)
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    target = paths.rejected_dir / f"{paths.shard(run).name}.{stamp}"
-    move(paths.shard(run), target)
-    atomic_write_text(target.with_name(target.name + ".why.txt"), why + "\n")
-    _say(f"rejected the shard of run {run}: {why}; moved to {target}, the run will be trained again")
-
-
 def fold_existing(campaign: Campaign, agg: Aggregator, report: RunReport,
                   gate: "AccuracyGate | None" = None, reject: bool = True, pool=None) -> set[int]:
     """Fold finished shards the checkpoint does not contain (through the driver's accuracy gate, as if
@@ -99,7 +76,7 @@ def fold_existing(campaign: Campaign, agg: Aggregator, report: RunReport,
     for r, data, error in (pool.read(todo) if pool is not None else (_read(agg, r) for r in todo)):
         if data is None:  # the shard failed verification
             if reject:
-                reject_shard(campaign, r, error)
+                reject_shard(campaign, r, error, _say)
             else:
                 _say(f"left out the shard of run {r}: {error}")
             report.rejected.append(r)
@@ -162,7 +139,7 @@ def run_campaign(campaign: Campaign, address: str | None = None, progress: bool 
         damaged = damaged_folded(campaign, agg)
         for r, why in damaged:  # the fold holds them but their shards are no longer evidence: redo them
             if campaign.paths.shard(r).exists():
-                reject_shard(campaign, r, why)
+                reject_shard(campaign, r, why, _say)
             else:
                 _say(f"the shard of folded run {r} is missing ({why}); the run will be trained again")
         if damaged:
@@ -229,101 +206,40 @@ def _target_reached(campaign: Campaign, agg: Aggregator, report: RunReport) -> b
 def _dispatch(campaign: Campaign, agg: Aggregator, todo: list[int], done: set[int], report: RunReport,
               address: str | None, show_progress: bool, lock: DriverLock, dashboard_host: str,
               gate: "AccuracyGate") -> None:
-    from orchestrator.metrics import CampaignMetrics
-    from orchestrator.pool import WorkerPool, runs_per_call
+    """Train `todo` on Ray workers, folding each run as it arrives (orchestrator/dispatch.py)."""
+    from orchestrator.pool import ray_workers
 
-    ray, owned, report.dashboard_url = ray_init(address, campaign.spec.resources.local_cpus, dashboard_host)
-    res, e = campaign.spec.resources, campaign.spec.estimates
-    plan, paths = campaign.plan, campaign.paths
-    pack = runs_per_call(campaign.spec)
-    probe = paths.state_dir / f".probe-{os.getpid()}-{time.time_ns()}"
-    atomic_write_text(probe, "a worker that can read this file sees the campaign directory\n")
-    pool = WorkerPool(ray, campaign, _say, str(probe))
-    queue = deque(todo)
-    attempts: dict[int, int] = {}  # worker deaths per run
-    in_flight: dict = {}  # ObjectRef -> (run, slot)
+    with ray_workers(campaign, address, campaign.paths.state_dir, _say, dashboard_host) as (pool, url):
+        report.dashboard_url = url
+        train(campaign, pool, agg, todo, done, report, show_progress, lock, gate,
+              job_driver=bool(os.environ.get("RAY_ADDRESS")) and not address)
+
+
+def train(campaign: Campaign, executor, agg: Aggregator, todo: list[int], done: set[int], report: RunReport,
+          show_progress: bool, lock: DriverLock | None, gate: "AccuracyGate", job_driver: bool = False,
+          metrics: bool = True) -> None:
+    """The campaign's runs through the Dispatcher on `executor`'s workers: each shard is verified and
+    offered to the accuracy gate as it arrives; the fold is checkpointed every checkpoint_seconds."""
+    from orchestrator.pool import runs_per_call
+
+    res, plan, paths = campaign.spec.resources, campaign.plan, campaign.paths
+    runs = CampaignRuns(campaign, agg, done, report, gate, show_progress, metrics)
+    dispatcher = Dispatcher(executor, runs, pack=runs_per_call(campaign.spec), max_in_flight=res.max_in_flight,
+                            max_retries=res.max_retries, max_failures=res.max_failures, planned=plan.runs,
+                            say=_say, lock=lock, failed=report.failed_now)
+    workers = dispatcher.start([Job(r, (r, plan.masks[r], int(plan.seeds[r]), str(paths.shard(r))), f"run {r}")
+                                for r in todo])
+    _say(f"campaign {campaign.name!r}: {len(todo)} runs to train on {workers} workers "
+         f"({len(done)} of {plan.runs} already done)"
+         + (f"; {url_line(report.dashboard_url)}" if report.dashboard_url else ""))
+    if job_driver:
+        _say(f"note: {TASK_BAR_NOTE}")  # a job's driver: this goes to the log its job page shows
+    first_dispatch = time.monotonic()
     try:
-        pool.grow_to(min(pool.fit(), len(queue)))
-        pool.wait_ready()
-        _say(f"campaign {campaign.name!r}: {len(todo)} runs to train on {len(pool.live())} workers "
-             f"({len(done)} of {plan.runs} already done)"
-             + (f"; {url_line(report.dashboard_url)}" if report.dashboard_url else ""))
-        if os.environ.get("RAY_ADDRESS") and not address:
-            _say(f"note: {TASK_BAR_NOTE}")  # a job's driver: this goes to the log its job page shows
-        bar = Progress(total=plan.runs, done=len(done), enabled=show_progress, campaign=campaign.name)
-        metrics = CampaignMetrics(campaign.name)
-        share = None
-        last_checkpoint = last_resize = first_dispatch = time.monotonic()
-        try:
-            while queue or in_flight:
-                pool.poll()
-                ready_slots = pool.ready()
-                calls = max(1, (res.max_in_flight // pack if res.max_in_flight else 2 * len(ready_slots))
-                            // max(1, len(ready_slots)))
-                for slot in ready_slots:
-                    while queue and slot.load < calls and not slot.isolated:
-                        if queue[0] in attempts:  # a suspect runs alone: if its worker dies, it is the cause
-                            if slot.load:
-                                break
-                            slot.isolated = True
-                            group = [queue.popleft()]
-                            # its dead worker may have left a temporary shard: nobody writes it any more
-                            for p in campaign.sweep_run_temporaries(group):
-                                _say(f"removed the temporary shard of run {group[0]} that its dead worker left: {p}")
-                        else:
-                            group = []
-                            while queue and len(group) < pack and queue[0] not in attempts:
-                                group.append(queue.popleft())
-                        # the dashboard's task table then says which runs each call trains
-                        ref = slot.actor.run_many.options(name=task_name(campaign.name, group)).remote(
-                            [(r, plan.masks[r], int(plan.seeds[r]), str(paths.shard(r))) for r in group])
-                        in_flight[ref] = (group, slot)
-                        slot.load += 1
-                if not in_flight and not pool.live():
-                    raise CampaignError("no worker is left to run the campaign; see the messages above")
-                finished, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0) if in_flight else ([], [])
-                for ref in finished:
-                    group, slot = in_flight.pop(ref)
-                    slot.load -= 1
-                    slot.isolated = False
-                    for r, outcome in zip(group, _collect(ray, ref, group, campaign, agg, report, gate)):
-                        if outcome == "folded":
-                            done.add(r)
-                        elif isinstance(outcome, set):  # judged later: the runs the gate refused now
-                            done.add(r)
-                            done -= outcome
-                        elif outcome == "worker died":
-                            _worker_died(pool, slot, r, attempts, queue, campaign, report)
-                _check_failure_budget(campaign, report)
-                running = sum(len(g) for g, _ in in_flight.values())
-                bar.update(len(done), len(report.failed_now), running, retried=report.retried)
-                metrics.update(report.trained, len(report.failed_now), report.retried, running, bar.rate(),
-                               len(done) / plan.runs, share)
-                now = time.monotonic()
-                if now - last_resize >= RESIZE_SECONDS and queue:  # nodes that joined get work too
-                    started = pool.grow_to(min(pool.fit(), len(pool.live()) + len(queue)))
-                    if started:
-                        _say(f"starting {started} more workers: the cluster has room for them")
-                    last_resize = now
-                if now - last_checkpoint >= e.checkpoint_seconds:
-                    agg.save_checkpoint()
-                    write_estimates(agg, complete=False, final=False)
-                    lock.heartbeat()
-                    last_checkpoint = now
-                    share = agg.share_at_target()
-                    if queue and _target_reached(campaign, agg, report):
-                        queue.clear()  # runs in flight finish and are folded; nothing new is dispatched
-            report.training_seconds = time.monotonic() - first_dispatch
-        finally:
-            bar.close()
-            pool.shutdown()
+        dispatcher.run(runs.bar_for(len(done)))
     finally:
-        probe.unlink(missing_ok=True)
-        if owned:
-            ray.shutdown()
-
-
-RESIZE_SECONDS = 2.0
+        report.retried = dispatcher.retried
+    report.training_seconds = time.monotonic() - first_dispatch
 
 
 def task_name(campaign: str, runs: list[int]) -> str:
@@ -336,91 +252,84 @@ def task_name(campaign: str, runs: list[int]) -> str:
     return f"longtail:{campaign}:runs " + ",".join(map(str, runs))
 
 
-def _worker_died(pool, slot, run: int, attempts: dict, queue: deque, campaign: Campaign, report: RunReport):
-    """Retry the run elsewhere (bounded), and replace the worker once.
+class CampaignRuns(Work):
+    """What the campaign does with its runs in the Dispatcher: verify each shard, pass it through the
+    accuracy gate into the fold, checkpoint, export metrics, stop early at the target precision."""
 
-    Every run the dead worker held is charged one attempt, since any of them may have killed it; a
-    charged run is retried alone on an idle worker, so that a run that keeps killing workers uses up
-    its attempts while the runs that merely shared its worker succeed on their retry."""
-    limit = campaign.spec.resources.max_retries
-    attempts[run] = attempts.get(run, 0) + 1
-    report.retried += 1
-    if attempts[run] > limit:
-        record_failure(campaign, run, f"its worker died {attempts[run]} times (the last on {slot.info.get('host')}); "
-                       f"[resources] max_retries = {limit}", attempts=attempts[run])
-        report.failed_now.append(run)
-    else:
-        queue.appendleft(run)
-    if not slot.dead:
-        pool.kill(slot)
-        _say(f"worker {slot.name} on {slot.info.get('host', '?')} died; run {run} goes back in the queue "
-             f"(attempt {attempts[run]} of {limit + 1}); starting a replacement")
-        pool.grow_to(len(pool.live()) + 1)
+    error = CampaignError
+    noun = "run"
+    no_worker = "no worker is left to run the campaign; see the messages above"
+    stopped = "the campaign stopped"
 
+    def __init__(self, campaign: Campaign, agg: Aggregator, done: set[int], report: RunReport,
+                 gate: "AccuracyGate", show_progress: bool = False, metrics: bool = True):
+        self.c, self.agg, self.done, self.report, self.gate = campaign, agg, done, report, gate
+        self.show_progress = show_progress
+        self.failed_dir = campaign.paths.failed_dir
+        self.resume = f"longtail resume {campaign.paths.root}"
+        self.bar = None
+        if metrics:
+            from orchestrator.metrics import CampaignMetrics
 
-def _check_failure_budget(campaign: Campaign, report: RunReport) -> None:
-    budget = campaign.spec.resources.max_failures
-    limit = int(budget) if budget >= 1 else max(1, int(budget * campaign.plan.runs))
-    if len(report.failed_now) > limit:
-        raise CampaignError(
-            f"{len(report.failed_now)} runs failed in this session, more than the failure budget ([resources] "
-            f"max_failures = {budget:g}, i.e. {limit} runs); the campaign stopped. Reasons are in "
-            f"{campaign.paths.failed_dir}/ (first: {_first_reason(campaign, report.failed_now)}). Fix the cause, "
-            f"then: longtail resume {campaign.paths.root}")
+            self.metrics = CampaignMetrics(campaign.name)
+        else:
+            self.metrics = None
+        self.share = None
+        self.last_checkpoint = time.monotonic()
 
+    def bar_for(self, done: int) -> Progress:
+        self.bar = Progress(total=self.c.plan.runs, done=done, enabled=self.show_progress, campaign=self.c.name)
+        return self.bar
 
-def _first_reason(campaign: Campaign, runs: list[int]) -> str:
-    try:
-        return json.loads(campaign.paths.failure(runs[0]).read_text())["reason"]
-    except (OSError, ValueError, KeyError):
-        return "unknown"
+    def task_name(self, jobs: list[Job]) -> str:
+        return task_name(self.c.name, [job.key for job in jobs])  # the task table says which runs a call trains
 
+    def failure_path(self, run: int):
+        return self.c.paths.failure(run)
 
-def _collect(ray, ref, runs: list[int], campaign: Campaign, agg: Aggregator, report: RunReport,
-             gate: "AccuracyGate") -> list:
-    """Take one finished call: for each of its runs, fold its shard ("folded"), record why it failed
-    ("failed"), or report that its worker died ("worker died")."""
-    from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+    def record(self, job: Job, reason: str, detail: str, host: str, attempts: int | None) -> None:
+        record_failure(self.c, job.key, reason, detail, host=host, attempts=attempts)
 
-    try:
-        results = ray.get(ref)
-    except (RayActorError, WorkerCrashedError):
-        return ["worker died"] * len(runs)
-    except RayTaskError as e:  # the worker code itself raised (run_many() returns failures as data)
-        cause = e.cause if getattr(e, "cause", None) is not None else e
-        for run in runs:
-            record_failure(campaign, run, f"{type(cause).__name__}: {cause}".splitlines()[0][:500],
-                           _ANSI.sub("", getattr(e, "traceback_str", "") or str(e)))
-            report.failed_now.append(run)
-        return ["failed"] * len(runs)
-    return [_collect_one(result, run, campaign, agg, report, gate) for run, result in zip(runs, results)]
+    def sweep(self, job: Job) -> list:
+        return self.c.sweep_run_temporaries([job.key])
 
+    def finished(self) -> int:
+        return len(self.done)
 
-def _collect_one(result: dict, run: int, campaign: Campaign, agg: Aggregator, report: RunReport,
-                 gate: "AccuracyGate"):
-    if result.get("fatal"):
-        raise CampaignError(f"run {run} could not be stored on {result['host']}: {result['reason']}. Nothing "
-                            f"half-written is visible; fix the cause, then: longtail resume {campaign.paths.root}")
-    if result.get("failed"):
-        record_failure(campaign, run, result["reason"], result["traceback"], host=result["host"])
-        report.failed_now.append(run)
-        return "failed"
-    if "shard" in result:  # a worker that cannot see the campaign directory sent the shard's bytes
-        atomic_write_bytes(campaign.paths.shard(run), result.pop("shard"))
-    try:
-        data = agg.read(run)
-    except ShardError as e:
-        reject_shard(campaign, run, str(e))
-        report.rejected.append(run)
-        record_failure(campaign, run, f"its shard failed verification: {e}", host=result.get("host", ""))
-        report.failed_now.append(run)
-        return "failed"
-    report.trained += 1
-    refused = gate.offer(run, data, report, host=result.get("host", ""))
-    if run in refused:
-        report.trained -= 1
-        return "failed"
-    return refused  # the runs (held earlier) that this one's arrival let the gate judge, and refused
+    def accept(self, job: Job, result: WorkerResult) -> str | None:
+        run = job.key
+        if result.shard is not None:  # a worker that cannot see the campaign directory sent the shard's bytes
+            atomic_write_bytes(self.c.paths.shard(run), result.shard)
+        try:
+            data = self.agg.read(run)
+        except ShardError as e:
+            reject_shard(self.c, run, str(e), _say)
+            self.report.rejected.append(run)
+            return f"its shard failed verification: {e}"
+        self.report.trained += 1
+        # the runs refused now: this one, or runs held earlier that its arrival let the gate judge
+        refused = self.gate.offer(run, data, self.report, host=result.host)
+        if run in refused:
+            self.report.trained -= 1
+        else:
+            self.done.add(run)
+        self.done -= refused
+        return None
+
+    def tick(self, dispatcher: Dispatcher) -> None:
+        report = self.report
+        if self.metrics is not None:
+            self.metrics.update(report.trained, len(report.failed_now), dispatcher.retried, dispatcher.running(),
+                                self.bar.rate() if self.bar is not None else 0.0, len(self.done) / self.c.plan.runs,
+                                self.share)
+        now = time.monotonic()
+        if now - self.last_checkpoint >= self.c.spec.estimates.checkpoint_seconds:
+            self.agg.save_checkpoint()
+            write_estimates(self.agg, complete=False, final=False)
+            self.last_checkpoint = now
+            self.share = self.agg.share_at_target()
+            if dispatcher.queue and _target_reached(self.c, self.agg, report):
+                dispatcher.stop_dispatching()  # runs in flight finish and are folded; nothing new is dispatched
 
 
 class AccuracyGate:
@@ -458,7 +367,7 @@ class AccuracyGate:
             if acc < floor:
                 why = (f"test accuracy {acc:.3f} is far below the campaign's median ({floor / self.share:.3f}; "
                        f"[estimates] min_accuracy = {self.share})")
-                reject_shard(self.c, r, why)
+                reject_shard(self.c, r, why, _say)
                 record_failure(self.c, r, why, host=h)
                 report.failed_now.append(r)
                 refused.add(r)

@@ -1,4 +1,5 @@
-"""Write what an Aggregator holds as files: estimates/ while and after a campaign runs, and exports.
+"""Write what an Aggregator holds as files: estimates/ while and after a campaign runs, and exports;
+and read every estimates file back (the readers at the end: the report and the commands use them).
 
 estimates/ (docs/campaign-directory.md):
     memorization.parquet          per training example, main subset ratio, 0/1 and soft targets
@@ -8,7 +9,7 @@ estimates/ (docs/campaign-directory.md):
     influence_topk.parquet, influence_pairs.parquet   topk mode
     (the same with a _<target> suffix for every soft target)
     high_influence_pairs.parquet  the paper's selection, with standard errors
-    proxies.parquet, proxy_agreement.parquet, triage.parquet, pred_probs.npy   orchestrator/proxies.py
+    proxies.parquet, proxy_agreement.parquet, triage.parquet, pred_probs.npy   orchestrator/features/proxies.py
     summary.json                  counts, accuracies, Table 1, split-half consistency, stopping
 
 Intermediate writes (while runs are still arriving) skip the work that is heavy at scale: tiled
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +29,13 @@ import pyarrow.parquet as pq
 
 from estimators import estimates as est
 from estimators import influence as inf
+from estimators import precision
 from estimators import privacy as pv
 from estimators.stats import CORRECT
-from workers.storage import atomic_path, atomic_write_text, makedirs
+from workers.storage import arrow_source, atomic_path, atomic_write_text, is_local, makedirs, open_input
 
 from orchestrator.fold import Aggregator
+from orchestrator.paths import ExportPaths
 
 MEM_THRESHOLDS = (0.1, 0.25, 0.5, 0.75)
 
@@ -171,12 +175,12 @@ def write_influence(agg: Aggregator, mems: dict[str, est.Memorization], final: b
     runs = agg.main_runs()
     pairs = None
     for target in agg.targets:
-        s, mem = suffix(target), mems[target].mem
+        mem = mems[target].mem
         memorized = _memorized(agg, agg.stats, target)
         if mode == "dense":
             selected = []
-            write_dense_influence(agg, target, paths.estimates_dir / f"influence{s}.npy",
-                                  paths.estimates_dir / f"influence{s}_se.npy",
+            write_dense_influence(agg, target, paths.influence_file("dense", target),
+                                  paths.influence_file("dense_se", target),
                                   lambda infl, se, mem=mem, m=memorized, t=target: selected.append(
                                       est.high_influence_pairs(mem, infl, y_tr, y_te, e.mem_threshold,
                                                                e.infl_threshold, e.same_class, se, m,
@@ -189,7 +193,7 @@ def write_influence(agg: Aggregator, mems: dict[str, est.Memorization], final: b
             for b in blocks:
                 arrays.update({f"infl_matrix_class{b.label}": b.infl, f"infl_se_class{b.label}": b.se,
                                f"tr_classidx_{b.label}": b.train, f"tt_classidx_{b.label}": b.test})
-            write_npz(paths.estimates_dir / f"influence{s}_per_class.npz", arrays)
+            write_npz(paths.influence_file("per-class", target), arrays)
             tr, te, infl, se = _class_pairs(blocks, with_se=True)
             found = est.filter_pairs(est.select_pairs(tr, te, infl, mem, se), mem, y_tr, y_te, e.mem_threshold,
                                      None, same_class=True, memorized=memorized)
@@ -200,12 +204,12 @@ def write_influence(agg: Aggregator, mems: dict[str, est.Memorization], final: b
             if halves is not None:
                 half_sets.extend(_half_sets(agg, top))
             n_test, k = top.train.shape
-            write_parquet(paths.estimates_dir / f"influence{s}_topk.parquet", pa.table({
+            write_parquet(paths.influence_file("topk", target), pa.table({
                 "test": np.repeat(np.arange(n_test, dtype=np.int32), k), "rank": np.tile(np.arange(k, dtype=np.int16),
                                                                                         n_test),
                 "train": top.train.ravel().astype(np.int32), "infl": top.infl.ravel(), "se": top.se.ravel(),
                 "ci_low": top.ci_low.ravel(), "ci_high": top.ci_high.ravel()}), len(runs))
-            write_parquet(paths.estimates_dir / f"influence{s}_pairs.parquet", pa.table({
+            write_parquet(paths.influence_file("topk_pairs", target), pa.table({
                 "train": top.pairs_train.astype(np.int32), "test": top.pairs_test.astype(np.int32),
                 "infl": top.pairs_infl, "se": top.pairs_se}), len(runs))
             found = est.filter_pairs(est.select_pairs(top.pairs_train, top.pairs_test, top.pairs_infl, mem,
@@ -226,14 +230,8 @@ def split_half(agg: Aggregator, half_sets: list | None = None) -> dict | None:
     halves = [est.memorization(h) for h in agg.halves]
     if min(h.runs for h in agg.halves) < 2:
         return None
-    a, b = halves[0].mem, halves[1].mem
-    both = np.isfinite(a) & np.isfinite(b)
-    varies = both.sum() > 2 and a[both].std() > 0 and b[both].std() > 0
     out = {"runs": [h.runs for h in agg.halves],
-           "memorization_correlation": float(np.corrcoef(a[both], b[both])[0, 1]) if varies else None,
-           "memorization_mean_abs_difference": float(np.abs(a[both] - b[both]).mean()) if both.any() else None}
-    for thr in MEM_THRESHOLDS:
-        out[f"memorized_jaccard_{thr:g}"] = est.jaccard(set(np.flatnonzero(a >= thr)), set(np.flatnonzero(b >= thr)))
+           **precision.split_half_agreement(halves[0].mem, halves[1].mem, MEM_THRESHOLDS)}
     if agg.mode != "none":
         found = half_sets
         if not found:
@@ -300,7 +298,7 @@ def write_estimates(agg: Aggregator, complete: bool, final: bool = True, extra: 
     table, mems = memorization_table(agg)
     write_parquet(c.paths.memorization, table, runs)
     if len(c.plan.ratios) > 1:
-        write_parquet(c.paths.estimates_dir / "cscore.parquet", cscore_table(agg), int(agg.folded.sum()))
+        write_parquet(c.paths.cscore, cscore_table(agg), int(agg.folded.sum()))
     half_sets: list[set] = []
     pairs = write_influence(agg, mems, final, half_sets)
     out = summary(agg, mems[CORRECT], pairs, complete)
@@ -309,17 +307,14 @@ def write_estimates(agg: Aggregator, complete: bool, final: bool = True, extra: 
         out["privacy_risk"] = risk
     if final and c.spec.estimates.split_half:
         out["split_half"] = split_half(agg, half_sets)
-    if agg.stats.runs:  # training-dynamics proxies and triage (orchestrator/proxies.py)
+    if agg.stats.runs:  # training-dynamics proxies and triage (orchestrator/features/proxies.py)
         from orchestrator.features import proxies
 
         out.update(proxies.write(agg, mems[CORRECT].mem, write_parquet, write_npy, final))
     out.update(extra or {})
-    out = _clean(out)
+    out = json_safe(out)
     atomic_write_text(c.paths.summary, json.dumps(out, indent=2) + "\n")
     return out
-
-
-PRIVACY_RISK = "privacy_risk.parquet"
 
 
 def privacy_risk_table(agg: Aggregator, mem: np.ndarray) -> tuple[pa.Table, dict]:
@@ -339,20 +334,20 @@ def privacy_risk_table(agg: Aggregator, mem: np.ndarray) -> tuple[pa.Table, dict
 
 
 def write_privacy_risk(agg: Aggregator, mem: np.ndarray) -> dict | None:
-    """estimates/privacy_risk.parquet, when the shards keep a statistic; its summary for summary.json."""
+    """The privacy-risk table (CampaignPaths.privacy_risk), when the shards keep a statistic; its summary."""
     if agg.risk_source is None or agg.risk.count_in.sum() == 0:
         return None
     table, info = privacy_risk_table(agg, mem)
-    write_parquet(agg.c.paths.estimates_dir / PRIVACY_RISK, table, int(agg.risk.count_in[0] + agg.risk.count_out[0]))
+    write_parquet(agg.c.paths.privacy_risk, table, int(agg.risk.count_in[0] + agg.risk.count_out[0]))
     return info
 
 
-def _clean(o):
+def json_safe(o):
     """JSON-safe: numpy scalars become Python ones, NaN and infinities become null."""
     if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
+        return {k: json_safe(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
+        return [json_safe(v) for v in o]
     if isinstance(o, np.generic):
         o = o.item()
     if isinstance(o, float) and not np.isfinite(o):
@@ -379,12 +374,12 @@ def export_fz(agg: Aggregator, dest: Path) -> list[Path]:
     for b in blocks:
         arrays.update({f"infl_matrix_class{b.label}": b.infl, f"tr_classidx_{b.label}": b.train,
                        f"tt_classidx_{b.label}": b.test})
-    matrix = dest / f"{c.name}_infl_matrix.npz"
+    matrix = ExportPaths(dest).fz_matrix(c.name)
     write_npz(matrix, arrays)
     tr, te, infl, _ = _class_pairs(blocks, with_se=False)
     pairs = est.filter_pairs(est.select_pairs(tr, te, infl, mem), mem, y_tr, y_te, e.mem_threshold, None,
                              same_class=True, memorized=_memorized(agg, agg.stats))
-    pairs_path = dest / f"{c.name}_high_infl_pairs_infl{e.infl_threshold:g}_mem{e.mem_threshold:g}.npz"
+    pairs_path = ExportPaths(dest).fz_pairs(c.name, e.infl_threshold, e.mem_threshold)
     write_npz(pairs_path, {"tr_idx": pairs.train, "tt_idx": pairs.test, "infl": pairs.infl.astype(np.float32),
                            "mem": pairs.mem.astype(np.float32)})
     return [matrix, pairs_path]
@@ -399,7 +394,8 @@ def export_parquet(agg: Aggregator, dest: Path) -> list[Path]:
     agg.flush()
     table, mems = memorization_table(agg)
     runs = agg.main_runs()
-    train_path, test_path, pairs_path = dest / "train.parquet", dest / "test.parquet", dest / "pairs.parquet"
+    out = ExportPaths(dest)
+    train_path, test_path, pairs_path = out.train, out.test, out.pairs
     write_parquet(train_path, table, len(runs))
     y_tr, y_te = c.labels["train_labels"], c.labels["test_labels"]
     cols = {"example": np.arange(c.n_test, dtype=np.int32), "label": y_te.astype(np.int32),
@@ -413,3 +409,139 @@ def export_parquet(agg: Aggregator, dest: Path) -> list[Path]:
                              mem, y_tr, y_te, e.mem_threshold, None, e.same_class, _memorized(agg, agg.stats))
     write_parquet(pairs_path, _pairs_table(pairs, y_te), len(runs))
     return [train_path, test_path, pairs_path]
+
+
+# --- readers: the files above read back (the report, `longtail show`, `utility`, `plan`) ---------------
+# Every reader returns None for a file that is not written yet (before the first checkpoint, or a mode
+# that does not write it), and never unpickles (np.load with allow_pickle=False only).
+
+
+def read_table(path, columns: list[str] | None = None, filters=None) -> pa.Table | None:
+    if not path.exists():
+        return None
+    source, filesystem = arrow_source(path)
+    return pq.read_table(source, filesystem=filesystem, columns=columns, filters=filters)
+
+
+def as_columns(table: pa.Table | None) -> dict[str, np.ndarray] | None:
+    if table is None:
+        return None
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def runs_of(table: pa.Table | None) -> int:
+    """The runs a table stands on, as write_parquet recorded them; 0 when it records none."""
+    meta = (table.schema.metadata or {}) if table is not None else {}
+    return int(json.loads(meta.get(b"longtail", b"{}")).get("runs", 0))
+
+
+def runs_in(path) -> int | None:
+    """The runs the table at `path` stands on, from its footer alone; None when absent or unrecorded."""
+    if not path.exists():
+        return None
+    meta = pq.read_schema(*arrow_source(path)).metadata or {}
+    return int(json.loads(meta[b"longtail"]).get("runs", 0)) if b"longtail" in meta else None
+
+
+def read_summary(paths) -> dict | None:
+    """summary.json; None before the first checkpoint (a damaged one raises ValueError)."""
+    return json.loads(paths.summary.read_text()) if paths.summary.exists() else None
+
+
+def read_memorization(paths, columns: list[str] | None = None) -> pa.Table | None:
+    return read_table(paths.memorization, columns)
+
+
+def read_memorization_values(paths, n_train: int) -> tuple[np.ndarray, int] | None:
+    """Memorization of every training example by id (NaN where undefined) and the runs behind it."""
+    table = read_memorization(paths, ["example", "mem"])
+    if table is None:
+        return None
+    mem = np.full(n_train, np.nan)
+    mem[table.column("example").to_numpy()] = table.column("mem").to_numpy(zero_copy_only=False)
+    return mem, runs_of(table)
+
+
+def read_pairs(paths, columns: list[str] | None = None) -> pa.Table | None:
+    """The paper's high-influence pairs (high_influence_pairs.parquet)."""
+    return read_table(paths.pairs, columns)
+
+
+def read_privacy_risk(paths) -> pa.Table | None:
+    return read_table(paths.privacy_risk)
+
+
+def read_utility(paths) -> pa.Table | None:
+    """`longtail utility`'s results (features/utility.py writes them with write_parquet)."""
+    return read_table(paths.utility_results)
+
+
+@dataclass
+class Influencer:
+    train: int
+    infl: float
+    se: float | None
+
+
+def _load_npy(path) -> np.ndarray:
+    # memory-mapped when local: a CIFAR-size dense matrix is 2 GB, and readers want a few columns of it
+    if is_local(path):
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    with open_input(path) as f:
+        return np.load(f, allow_pickle=False)
+
+
+def top_influencers(paths, test_labels: np.ndarray, tests: list[int], k: int) -> dict[int, list[Influencer]]:
+    """The k training examples with the largest influence on each test example, from whichever
+    influence file the campaign's mode wrote (0/1 target); {} when there is none."""
+    out: dict[int, list[Influencer]] = {}
+    if not tests:
+        return out
+    dense, dense_se = paths.influence_file("dense"), paths.influence_file("dense_se")
+    if dense.exists():
+        infl = _load_npy(dense)
+        se = _load_npy(dense_se) if dense_se.exists() else None
+        cols = np.asarray(infl[:, tests])  # one pass over the train-major rows for every test at once
+        se_cols = np.asarray(se[:, tests]) if se is not None else None
+        for n, j in enumerate(tests):
+            order = np.argsort(-cols[:, n], kind="stable")[:k]  # ties: the smaller train id, as in topk
+            out[j] = [Influencer(int(i), float(cols[i, n]), float(se_cols[i, n]) if se_cols is not None else None)
+                      for i in order]
+        return out
+    topk = read_table(paths.influence_file("topk"), ["test", "rank", "train", "infl", "se"],
+                      [("test", "in", [int(j) for j in tests])])
+    if topk is not None:
+        t = topk.to_pandas()
+        for j, rows in t.sort_values(["test", "rank"]).groupby("test"):
+            out[int(j)] = [Influencer(int(r.train), float(r.infl), float(r.se)) for r in rows.head(k).itertuples()]
+        return out
+    per_class = paths.influence_file("per-class")
+    if per_class.exists():
+        with open_input(per_class) as f, np.load(f, allow_pickle=False) as z:
+            for j in tests:
+                cls = int(test_labels[j])
+                pos = np.flatnonzero(z[f"tt_classidx_{cls}"] == j)
+                if not len(pos):
+                    continue
+                col = z[f"infl_matrix_class{cls}"][:, pos[0]]
+                se = z[f"infl_se_class{cls}"][:, pos[0]]
+                train = z[f"tr_classidx_{cls}"]
+                order = np.argsort(-col, kind="stable")[:k]
+                out[j] = [Influencer(int(train[i]), float(col[i]), float(se[i])) for i in order]
+    return out
+
+
+def strongest_tests(paths, count: int) -> list[int]:
+    """Test examples ranked by their strongest influence (dense and top-k layouts); [] for the others."""
+    dense = paths.influence_file("dense")
+    if dense.exists():
+        infl = _load_npy(dense)
+        best = np.full(infl.shape[1], -np.inf, np.float32)
+        for start in range(0, infl.shape[0], 4096):  # row blocks: bounded memory on a large matrix
+            best = np.maximum(best, np.asarray(infl[start:start + 4096]).max(axis=0))
+        return [int(j) for j in np.argsort(-best, kind="stable")[:count]]
+    top = read_table(paths.influence_file("topk"), ["test", "rank", "infl"], [("rank", "==", 0)])
+    if top is not None:
+        t = top.to_pandas()
+        return [int(j) for j in t.sort_values("infl", ascending=False, kind="stable").test.head(count)]
+    return []

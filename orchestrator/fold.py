@@ -15,6 +15,7 @@ import zipfile
 import numpy as np
 
 from estimators import estimates as est
+from estimators import precision
 from estimators import privacy as pv
 from estimators import stats as st
 from workers.datasets import Dataset, dataset_fingerprint
@@ -33,11 +34,23 @@ RUN_FIELDS = ("test_acc", "train_acc_in", "train_acc_out", "train_seconds")
 def influence_mode(campaign: Campaign) -> str:
     """The influence output mode, with 'auto' resolved against [estimates] memory_gb."""
     e = campaign.spec.estimates
-    if e.influence != "auto":
-        return e.influence
-    matrices = 3 * (1 + 2 * len(e.soft))  # sums, estimate and standard error; soft targets also square sums
-    need = matrices * 4.0 * campaign.n_train * campaign.n_test
-    return "dense" if need <= e.memory_gb * 1e9 else "topk"
+    return precision.influence_mode(e.influence, e.memory_gb, campaign.n_train, campaign.n_test, len(e.soft))
+
+
+def checkpoint_run_field(campaign: Campaign, name: str) -> np.ndarray | None:
+    """One per-run field (RUN_FIELDS, e.g. "test_acc") of every folded run, read from the fold checkpoint
+    when it is this campaign's (version and spec hash); None when there is none, or it is foreign or
+    unreadable: the checkpoint is only a cache of the shards, which say the same."""
+    path = campaign.paths.checkpoint
+    if not path.exists():
+        return None
+    try:
+        with open_input(path) as f, np.load(f, allow_pickle=False) as z:
+            if int(z["version"]) != CHECKPOINT_VERSION or str(z["spec_hash"]) != campaign.spec.result_hash():
+                return None
+            return z[f"run_{name}"][z["folded"]]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
 
 
 class Aggregator:
@@ -67,7 +80,7 @@ class Aggregator:
         for k in range(len(plan.ratios)):
             group = plan.runs_of_ratio(k)
             self.position[group] = np.arange(len(group))
-        # training-dynamics proxies and out-of-subset predictions (orchestrator/proxies.py)
+        # training-dynamics proxies and out-of-subset predictions (orchestrator/features/proxies.py)
         from orchestrator.features.proxies import ProxyFold
 
         self.proxies = ProxyFold(campaign, len(plan.runs_of_ratio(self.primary)))

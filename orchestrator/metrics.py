@@ -8,7 +8,7 @@ Names as Prometheus sees them (Ray prefixes `ray_`, counters get `_total`), all 
     ray_longtail_runs_in_flight, ray_longtail_runs_per_second, ray_longtail_progress (0..1),
     ray_longtail_share_at_target_se (adaptive stopping, when [estimates] target_se is set)
 
-`longtail monitor` (orchestrator/monitor.py) charts them in Prometheus; cluster/grafana-dashboard.json
+`longtail monitor` (cluster/monitor.py) charts them in Prometheus; cluster/grafana-dashboard.json
 in Grafana; docs/usage.md says how to see them. tests/test_dashboard.py checks that the values
 Prometheus scrapes are the campaign directory's.
 """

@@ -5,15 +5,27 @@ its node gone), every run it held comes back to the driver as an error, is put b
 the queue and retried on another worker, at most `max_retries` times, and a replacement actor is
 started wherever Ray finds room. A run is therefore retried exactly when, and as often as, the
 driver decides, and the decision is visible in its log.
+
+WorkerPool is the dispatcher's executor on Ray (orchestrator/dispatch.py's Executor): it submits a call
+of runs to an actor, waits for the next call to finish, and turns a dead actor into a worker death and
+an exception in the worker's own code into a RunFailure per run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import re
 import time
-from dataclasses import dataclass, field
+
+from workers.results import RunFailure, WorkerConfig, WorkerResult, failure_reason
+from workers.storage import atomic_write_text
 
 from orchestrator.campaign import Campaign, CampaignError
+from orchestrator.dispatch import Slot
+from orchestrator.paths import probe
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes in a Ray traceback; failure records keep plain text
 
 
 def runs_per_call(spec) -> int:
@@ -38,15 +50,26 @@ def runs_per_call(spec) -> int:
 MAX_START_FAILURES = 3
 
 
-@dataclass
-class Slot:
-    actor: object
-    name: str
-    ping: object | None  # ObjectRef of the start-up ping, None once the actor is ready
-    load: int = 0
-    dead: bool = False
-    isolated: bool = False  # running a run whose earlier worker died, alone, to find out if it is the cause
-    info: dict = field(default_factory=dict)
+@contextlib.contextmanager
+def ray_workers(campaign: Campaign, address: str | None, probe_dir, say, dashboard_host: str = "127.0.0.1"):
+    """Ray (joined at `address`, or started here) and an empty WorkerPool whose workers check that they see
+    the campaign directory by reading a probe file in `probe_dir`; yields (pool, dashboard URL). On exit
+    every worker is stopped, the probe removed, and Ray shut down if it was started here."""
+    from cluster.connect import ray_init
+
+    ray, owned, url = ray_init(address, campaign.spec.resources.local_cpus, dashboard_host)
+    probe_file = probe(probe_dir)
+    try:
+        atomic_write_text(probe_file, "a worker that can read this file sees the campaign directory\n")
+        pool = WorkerPool(ray, campaign, say, str(probe_file))
+        try:
+            yield pool, url
+        finally:
+            pool.shutdown()
+    finally:
+        probe_file.unlink(missing_ok=True)
+        if owned:
+            ray.shutdown()
 
 
 class WorkerPool:
@@ -61,7 +84,10 @@ class WorkerPool:
         # runs over several devices are coordinated by a resource-free actor; Ray Train holds the devices
         self.data_parallel = self.res.devices_per_run > 1
         self.actor_cls = ray.remote(DataParallelWorker if self.data_parallel else RunWorker)
-        self.spec = campaign.spec.to_dict()
+        res = self.res
+        self.config = WorkerConfig(campaign.spec.to_dict(), campaign.name, campaign.spec.result_hash(),
+                                   campaign.fingerprint, threads=max(1, int(res.cpus_per_worker)),
+                                   use_gpu=res.gpus_per_worker > 0, probe=probe, ship=res.ship_shards)
         self.slots: list[Slot] = []
         self.probe = probe
         self.indirect_hosts: set[str] = set()
@@ -104,12 +130,33 @@ class WorkerPool:
             cpus, gpus = (0, 0) if self.data_parallel else (self.res.cpus_per_worker, self.res.gpus_per_worker)
             actor = self.actor_cls.options(
                 name=name, num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0,
-            ).remote(self.spec, self.c.name, self.c.spec.result_hash(), self.c.fingerprint,
-                     max(1, int(self.res.cpus_per_worker)), self.res.gpus_per_worker > 0, self.probe,
-                     self.res.ship_shards)
+            ).remote(self.config)
             self.slots.append(Slot(actor=actor, name=name, ping=actor.ping.remote()))
             started += 1
         return started
+
+    # --- calls ------------------------------------------------------------------------------------
+
+    def submit(self, slot: Slot, calls: list[tuple], name: str):
+        """One call of `calls` on `slot`'s actor; `name` is the call's row in the dashboard's task table."""
+        return slot.actor.run_many.options(name=name).remote(calls)
+
+    def finished(self, handles: list, timeout: float) -> list:
+        done, _ = self.ray.wait(handles, num_returns=1, timeout=timeout)
+        return done
+
+    def results(self, handle, runs: list[int]) -> list[WorkerResult | RunFailure] | None:
+        """The call's results, one per run; None when its actor died (killed, its node gone)."""
+        from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+
+        try:
+            return self.ray.get(handle)
+        except (RayActorError, WorkerCrashedError):
+            return None
+        except RayTaskError as e:  # the worker code itself raised (run_many() returns failures as data)
+            cause = e.cause if getattr(e, "cause", None) is not None else e
+            detail = _ANSI.sub("", getattr(e, "traceback_str", "") or str(e))
+            return [RunFailure(run, failure_reason(cause), detail) for run in runs]
 
     # --- life cycle -------------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 (Ray job logs, CI, files), both showing runs done/total, runs/s over this session and the ETA.
 
 The plain line is what the Ray dashboard shows of a campaign (the job's driver log), and what
-`longtail status SUBMISSION_ID` reads back (orchestrator/jobs.py:last_progress): it starts with
+`longtail status SUBMISSION_ID` reads back (cluster/jobs.py:last_progress): it starts with
 "runs DONE/PLANNED" and names the campaign, its failures and its retries. Its period is
 $LONGTAIL_PROGRESS_SECONDS (default 10 s).
 """

@@ -3,7 +3,9 @@
 Every section is a dataclass whose fields carry their documentation and their valid range, so that
 the error for a bad value, the list of valid keys and docs/spec.md all come from one place.
 [dataset] and [model] name a built-in (with its own option dataclass) or a plug-in given as
-"package.module:function", whose options are passed through unvalidated.
+"package.module:function", whose options are passed through unvalidated. The declarations and their
+parser are workers/options.py's, and [train]'s keys are workers/train_options.py's: the workers own
+what they consume, and this module adds the spec's sections, cross-checks, error class and hash.
 """
 
 from __future__ import annotations
@@ -11,17 +13,24 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import re
 import sys
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workers import options
+from workers.datasets import DATASET_OPTIONS
 from workers.errors import LongtailError
-from workers.options import option
+from workers.models import MODEL_OPTIONS
+# describe_keys, REQUIRED and _toml_value are imported from here by callers (tests, benchmarks)
+from workers.options import REQUIRED, describe_keys, option, type_name  # noqa: F401
+from workers.options import default_of as _default
+from workers.options import nonnegative as _nonnegative
+from workers.options import positive as _positive
+from workers.options import toml_value as _toml_value
+from workers.train_options import TrainOptions, warmup_problem
 
 from orchestrator.plan import DESIGNS
 
@@ -35,18 +44,6 @@ class SpecError(LongtailError, ValueError):
     """A campaign spec that cannot be used; the message says where, what was expected and what was found."""
 
 
-REQUIRED = object()  # marker default: the key must be given
-
-
-def _positive(v) -> bool:
-    return v > 0
-
-
-def _nonnegative(v) -> bool:
-    return v >= 0
-
-
-STORABLE = ("margin", "probability", "logits", "dynamics")
 # store entries that add columns without changing any run's predictions: left out of the spec hash, so
 # that turning them on or off keeps a campaign resumable (the dynamics are read off the training batches)
 UNHASHED_STORE = ("dynamics",)
@@ -82,56 +79,14 @@ def _ratios(value) -> tuple[float, ...]:
 
 
 @dataclass(frozen=True)
-class TrainSection:
-    epochs: int = option(30, "passes over the run's subset", _positive, "an integer > 0")
-    batch_size: int = option(128, "examples per optimizer step", _positive, "an integer > 0")
-    optimizer: str = option("sgd", "'sgd' (with momentum) or 'adam'", lambda v: v in ("sgd", "adam"),
-                            "'sgd' or 'adam'")
-    lr: float = option(0.1, "learning rate", _positive, "a number > 0")
-    momentum: float = option(0.9, "SGD momentum", lambda v: 0 <= v < 1, "a number in [0, 1)")
-    nesterov: bool = option(True, "Nesterov momentum (SGD)")
-    weight_decay: float = option(5e-4, "L2 weight decay", _nonnegative, "a number >= 0")
-    schedule: str = option("constant", "learning-rate schedule: 'constant', 'cosine' or 'linear' (decay to 0)",
-                           lambda v: v in ("constant", "cosine", "linear"), "'constant', 'cosine' or 'linear'")
-    label_smoothing: float = option(0.0, "cross-entropy label smoothing", lambda v: 0 <= v < 1, "a number in [0, 1)")
-    # The fast paths (docs/recipes.md). Each default is the behaviour from before they existed.
-    warmup_epochs: float = option(0.0, "epochs of linear learning-rate warm-up from 0 to lr, after which the schedule "
-                                  "runs over the remaining steps; 0 = none. Must be below epochs", _nonnegative,
-                                  "a number >= 0 (and < epochs)", neutral_default=True)
-    augment: str = option("none", "augmentation of each training batch, on the device: 'none', 'flip' (random "
-                          "horizontal flip) or 'flip-crop' (flip, then a random crop of the image zero-padded by "
-                          "crop_padding pixels); images only; evaluation is never augmented",
-                          lambda v: v in ("none", "flip", "flip-crop"), "'none', 'flip' or 'flip-crop'",
-                          neutral_default=True)
-    crop_padding: int = option(4, "pixels of zero padding on each side for augment = 'flip-crop' (the image moves "
-                               "by up to this many pixels)", _nonnegative, "an integer >= 0", neutral_default=True)
-    precision: str = option("fp32", "'fp32' or 'bf16' (bfloat16 autocast, on CUDA only: runs on a CPU train in "
-                            "fp32 and a warning says so)", lambda v: v in ("fp32", "bf16"), "'fp32' or 'bf16'",
-                            neutral_default=True)
-    channels_last: bool = option(False, "convolutions in the channels-last (NHWC) memory layout, on CUDA only; "
-                                 "faster for convnets with bf16", affects_results=False)
-    compile: bool = option(False, "torch.compile the model once per worker and reuse it across runs (each run "
-                           "still starts from its own seeded initialisation); pays off over many runs of a "
-                           "convnet on a GPU", affects_results=False)
-    store: list[str] = option(["margin"], "per-example values written to every shard besides the prediction, "
-                              "when the learner produces them: 'margin' (correct-class logit minus the best "
-                              "other, float16), 'probability' (softmax probability of the correct class), "
-                              "'logits' (every logit, float16: 2 bytes per class per example, opt-in), "
-                              "'dynamics' (training dynamics of the examples trained on: cumulative loss, "
-                              "learning time, forgetting events; under 4 bytes per trained row, docs/proxies-and-"
-                              "triage.md)",
-                              lambda v: set(v) <= set(STORABLE) and len(set(v)) == len(v),
-                              "a list of distinct values from: " + ", ".join(STORABLE))
-    eval_batch_size: int = option(4096, "examples per forward pass when every example is evaluated", _positive,
-                                  "an integer > 0", affects_results=False)
-    trainer: str = option("", "optional plug-in 'package.module:function' replacing the torch recipe: "
-                          "fn(dataset, train_indices, seed) -> (train_pred, test_pred)",
-                          lambda v: v == "" or ":" in v, "'' or 'package.module:function'")
+class TrainSection(TrainOptions):
+    """[train]: the workers' TrainOptions (workers/train_options.py declares every key and default once),
+    with the check that needs two keys at once."""
 
     def __post_init__(self):
-        if self.warmup_epochs >= self.epochs:
-            raise SpecError(f"[train]: warmup_epochs = {self.warmup_epochs} must be below epochs = {self.epochs} "
-                            f"(the warm-up is part of the epochs); lower warmup_epochs or raise epochs")
+        problem = warmup_problem(self.warmup_epochs, self.epochs)
+        if problem:
+            raise SpecError(f"[train]: {problem}")
 
 
 @dataclass(frozen=True)
@@ -267,9 +222,6 @@ class Spec:
     def result_keys(self) -> dict[str, Any]:
         """The flattened keys that change what a run produces (dataset, model and plug-in options included;
         options a built-in marks as not changing results, such as where its files are, left out)."""
-        from workers.datasets import DATASET_OPTIONS
-        from workers.models import MODEL_OPTIONS
-
         builtin = {"dataset": DATASET_OPTIONS.get(self.dataset.name), "model": MODEL_OPTIONS.get(self.model.name)}
         flat = {}
         for section, values in self.to_dict().items():
@@ -304,88 +256,9 @@ def _field(cls, key: str) -> dataclasses.Field:
     return {f.name: f for f in dataclasses.fields(cls)}[key]
 
 
-def describe_keys(cls) -> str:
-    lines = []
-    for f in dataclasses.fields(cls):
-        default = "(required)" if f.default is REQUIRED else f"= {_toml_value(_default(f))}"
-        lines.append(f"  {f.name} {default}  # {f.metadata.get('doc', '')}")
-    return "\n".join(lines)
-
-
-def _default(f: dataclasses.Field):
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return f.default_factory()  # type: ignore[misc]
-
-
-def _type_ok(value, tp) -> bool:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, t) for t in typing.get_args(tp))
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if tp is str:
-        return isinstance(value, str)
-    raise TypeError(f"unsupported spec type {tp}")
-
-
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(t) for t in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
-
-
-def _floats(tp) -> bool:
-    """Whether the numbers a field of type `tp` holds (alone or in lists) are floats."""
-    return tp is float or any(_floats(t) for t in typing.get_args(tp))
-
-
-def _coerce(value, tp):
-    """Integers written where numbers are expected become floats (`lr = 1` means 1.0)."""
-    if not _floats(tp):
-        return value
-    if isinstance(value, list):
-        return [float(v) for v in value]
-    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-
 def parse_section(cls, raw: dict, where: str):
     """Build section dataclass `cls` from the TOML table `raw`; `where` names it in errors ("[train] in x.toml")."""
-    if not isinstance(raw, dict):
-        raise SpecError(f"{where}: expected a table, found {type(raw).__name__} {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise SpecError(f"{where}: unknown key(s) {', '.join(unknown)}. Valid keys:\n{describe_keys(cls)}")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, f in fields.items():
-        if name not in raw:
-            if f.default is REQUIRED:
-                raise SpecError(f"{where}: missing required key '{name}' ({f.metadata['doc']}); "
-                                f"expected {f.metadata['expect'] or _type_name(hints[name])}")
-            continue
-        value = raw[name]
-        tp = hints[name]
-        if not _type_ok(value, tp):
-            raise SpecError(f"{where}: key '{name}' must be {_type_name(tp)}, found {value!r} "
-                            f"({type(value).__name__})")
-        value = _coerce(value, tp)
-        check = f.metadata.get("check")
-        if check is not None and not check(value):
-            raise SpecError(f"{where}: key '{name}' must be {f.metadata['expect']}, found {value!r}")
-        values[name] = value
-    return cls(**values)
+    return options.parse_section(cls, raw, where, error=SpecError)
 
 
 def _parse_plugin(raw, where: str, registry: dict[str, type]) -> PluginSection:
@@ -424,9 +297,6 @@ def _cross_check(spec: Spec, source: str) -> Spec:
 
 def from_dict(raw: dict, source: str = "<spec>") -> Spec:
     """Validate and resolve a spec given as nested dicts (as tomllib returns them)."""
-    from workers.datasets import DATASET_OPTIONS
-    from workers.models import MODEL_OPTIONS
-
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise SpecError(f"{source}: unknown section(s) {', '.join('[' + u + ']' for u in unknown)}; "
@@ -464,18 +334,6 @@ def load(path: str | Path) -> Spec:
     return loads(text, str(path))
 
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
 def dumps(spec: Spec) -> str:
     """The resolved spec as TOML; `loads(dumps(s)) == s`."""
     out = []
@@ -494,15 +352,12 @@ def differences(old: Spec, new: Spec) -> list[tuple[str, Any, Any]]:
 
 def reference_markdown() -> str:
     """Every key of every section and built-in, as Markdown tables (docs/spec.md embeds this output)."""
-    from workers.datasets import DATASET_OPTIONS
-    from workers.models import MODEL_OPTIONS
-
     def table(cls) -> str:
         hints = typing.get_type_hints(cls)
         rows = ["| key | default | accepts | meaning |", "|---|---|---|---|"]
         for f in dataclasses.fields(cls):
             default = "(required)" if f.default is REQUIRED else _toml_value(_default(f))
-            accepts = f.metadata.get("expect") or _type_name(hints[f.name])
+            accepts = f.metadata.get("expect") or type_name(hints[f.name])
             note = "" if f.metadata.get("affects_results", True) else " *(may change on resume)*"
             rows.append(f"| `{f.name}` | `{default}` | {accepts} | {f.metadata['doc']}{note} |")
         return "\n".join(rows)

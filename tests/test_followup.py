@@ -1,4 +1,4 @@
-"""`longtail utility` (orchestrator/followup.py): the paper's Fig. 2 and Sec. 3.3 follow-up experiments,
+"""`longtail utility` (orchestrator/features/utility.py): the paper's Fig. 2 and Sec. 3.3 follow-up experiments,
 end to end on a small 1-nearest-neighbour campaign whose memorized examples are planted.
 
 The dataset `twins` (below, imported by the workers as `test_followup:twins`) has three far-apart

@@ -1,4 +1,4 @@
-"""`longtail plan` (orchestrator/pilot.py): a pilot campaign on the session's Ray (2 CPUs), and the
+"""`longtail plan` (orchestrator/features/cost.py): a pilot campaign on the session's Ray (2 CPUs), and the
 numbers derived from it, checked for consistency with each other and with what the pilot measured."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Privacy risk (estimators/privacy.py and its fold in orchestrator/aggregate.py): each number is checked
+"""Privacy risk (estimators/privacy.py and its fold in orchestrator/fold.py): each number is checked
 against a plain recomputation or a case whose true value is known."""
 
 from __future__ import annotations

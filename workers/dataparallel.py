@@ -12,6 +12,7 @@ runs that need several GPUs can afford.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import tempfile
@@ -19,6 +20,8 @@ import time
 import traceback
 
 import numpy as np
+
+from workers.results import RunFailure, WorkerConfig, WorkerResult
 
 
 def _train_loop(config: dict) -> None:
@@ -32,9 +35,9 @@ def _train_loop(config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    worker = RunWorker(config["spec"], config["campaign"], config["spec_hash"], config["fingerprint"],
-                       config["threads"], config["use_gpu"], config["probe"], config["ship"],
-                       device=str(ray.train.torch.get_device()) if config["use_gpu"] else "cpu")
+    worker_config: WorkerConfig = config["worker"]
+    worker = RunWorker(dataclasses.replace(
+        worker_config, device=str(ray.train.torch.get_device()) if worker_config.use_gpu else "cpu"))
     summary = worker.run_data_parallel(config["run"], np.asarray(config["mask"], np.uint8), config["seed"],
                                        config["path"], (rank, world, ray.train.torch.prepare_model))
     if summary is not None:
@@ -44,46 +47,41 @@ def _train_loop(config: dict) -> None:
 class DataParallelWorker:
     """Coordinator of data-parallel runs: the pool's worker when a run spans several devices."""
 
-    def __init__(self, spec: dict, campaign: str, spec_hash: str, fingerprint: str, threads: int = 1,
-                 use_gpu: bool = False, probe: str = "", ship: str = "auto"):
-        self.config = {"spec": spec, "campaign": campaign, "spec_hash": spec_hash, "fingerprint": fingerprint,
-                       "threads": threads, "use_gpu": use_gpu, "probe": probe, "ship": ship}
-        res = spec["resources"]
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        res = config.spec["resources"]
         self.devices = int(res["devices_per_run"])
         self.resources = {"CPU": res["cpus_per_worker"]}
-        if use_gpu:
+        if config.use_gpu:
             self.resources["GPU"] = res["gpus_per_worker"]
         self.host = socket.gethostname()
 
     def ping(self) -> dict:
         return {"host": self.host, "pid": os.getpid(), "direct": True, "data_parallel": self.devices}
 
-    def run_many(self, calls: list[tuple[int, np.ndarray, int, str]]) -> list[dict]:
+    def run_many(self, calls: list[tuple[int, np.ndarray, int, str]]) -> list[WorkerResult | RunFailure]:
         return [self.run(*c) for c in calls]
 
-    def run(self, run: int, packed_mask: np.ndarray, seed: int, shard_path: str) -> dict:
+    def run(self, run: int, packed_mask: np.ndarray, seed: int, shard_path: str) -> WorkerResult | RunFailure:
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
         from ray.util.queue import Queue
 
         start = time.perf_counter()
         mailbox = Queue(maxsize=1)
-        config = dict(self.config, run=run, mask=np.asarray(packed_mask).tolist(), seed=seed, path=shard_path,
-                      mailbox=mailbox)
+        config = dict(worker=self.config, run=run, mask=np.asarray(packed_mask).tolist(), seed=seed,
+                      path=shard_path, mailbox=mailbox)
         try:
             with tempfile.TemporaryDirectory(prefix="longtail-train-") as storage:
                 trainer = TorchTrainer(
                     _train_loop, train_loop_config=config,
-                    scaling_config=ScalingConfig(num_workers=self.devices, use_gpu=self.config["use_gpu"],
+                    scaling_config=ScalingConfig(num_workers=self.devices, use_gpu=self.config.use_gpu,
                                                  resources_per_worker=self.resources),
-                    run_config=RunConfig(name=f"{self.config['campaign']}-run-{run}", storage_path=storage))
+                    run_config=RunConfig(name=f"{self.config.campaign}-run-{run}", storage_path=storage))
                 trainer.fit()
-            summary = dict(mailbox.get(timeout=60))
+            summary: WorkerResult = mailbox.get(timeout=60)
         except Exception as e:  # recorded by the driver like any failed run
-            return {"run": run, "failed": True, "reason": f"{type(e).__name__}: {e}".splitlines()[0][:500],
-                    "traceback": traceback.format_exc(), "host": self.host, "fatal": False}
+            return RunFailure.of(run, e, traceback.format_exc(), self.host)
         finally:
             mailbox.shutdown()
-        summary["seconds"] = round(time.perf_counter() - start, 4)
-        summary["devices"] = self.devices
-        return summary
+        return dataclasses.replace(summary, seconds=round(time.perf_counter() - start, 4), devices=self.devices)

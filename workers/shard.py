@@ -161,6 +161,23 @@ def read_meta(path) -> dict:
         raise ShardError(f"{path}: longtail metadata is not valid JSON") from None
 
 
+def _check_meta(path, meta: dict, *, campaign: str, spec_hash: str, run: int, n_train: int, n_test: int) -> None:
+    expect = {"format": FORMAT_VERSION, "campaign": campaign, "spec_hash": spec_hash, "run": run,
+              "n_train": n_train, "n_test": n_test}
+    for key, value in expect.items():
+        if meta.get(key) != value:
+            raise ShardError(f"{path}: metadata {key} is {meta.get(key)!r}, expected {value!r}"
+                             + (" (a shard of another campaign or spec)" if key in ("campaign", "spec_hash") else ""))
+
+
+def read_run_meta(path, *, campaign: str, spec_hash: str, run: int, n_train: int, n_test: int) -> dict:
+    """The run-level facts of run `run`'s shard, verified to be that run's of this campaign and spec
+    (its footer only: for readers of run facts such as test_acc, not of outcomes); raise ShardError."""
+    meta = read_meta(path)
+    _check_meta(path, meta, campaign=campaign, spec_hash=spec_hash, run=run, n_train=n_train, n_test=n_test)
+    return meta
+
+
 def _split_is_train(split: pa.Array) -> tuple[np.ndarray, bool]:
     """(is this row a train row, does every row say 'train' or 'test'). The writer dictionary-encodes
     the column: deciding on its codes avoids making 60,000 Python strings a shard (20 ms of the
@@ -189,12 +206,7 @@ def read_shard(path, *, campaign: str, spec_hash: str, run: int, n_train: int, n
         meta = json.loads(md[META_KEY])
     except ValueError:
         raise ShardError(f"{path}: longtail metadata is not valid JSON") from None
-    expect = {"format": FORMAT_VERSION, "campaign": campaign, "spec_hash": spec_hash, "run": run,
-              "n_train": n_train, "n_test": n_test}
-    for key, value in expect.items():
-        if meta.get(key) != value:
-            raise ShardError(f"{path}: metadata {key} is {meta.get(key)!r}, expected {value!r}"
-                             + (" (a shard of another campaign or spec)" if key in ("campaign", "spec_hash") else ""))
+    _check_meta(path, meta, campaign=campaign, spec_hash=spec_hash, run=run, n_train=n_train, n_test=n_test)
     try:
         table = parquet.read()
     except (OSError, pa.ArrowException) as e:

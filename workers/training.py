@@ -29,14 +29,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from workers.options import SetupError, defaults, parse_section
 from workers.results import RunFailed, RunOutput
+from workers.train_options import TrainOptions, warmup_problem
 
-# [train] keys added with the fast paths, at their defaults: callers that build the [train] dict by hand
-# (tests, benchmarks, ensemble.py's callers) may leave them out.
-FAST_DEFAULTS = {"augment": "none", "crop_padding": 4, "precision": "fp32", "channels_last": False,
-                 "compile": False, "warmup_epochs": 0.0}
-AUGMENTS = ("none", "flip", "flip-crop")
-PRECISIONS = ("fp32", "bf16")
+# [train] keys added with the fast paths, at their defaults (declared in workers/train_options.py): callers
+# that build the [train] dict by hand (tests, benchmarks, ensemble.py's callers) may leave them out.
+FAST_KEYS = ("augment", "crop_padding", "precision", "channels_last", "compile", "warmup_epochs")
+FAST_DEFAULTS = defaults(TrainOptions, FAST_KEYS)
 
 # torch.compile's backend: this (tests swap in a counting backend to check that runs reuse the compiled
 # graphs), else $LONGTAIL_COMPILE_BACKEND (e.g. "aot_eager": Dynamo and AOTAutograd without inductor's
@@ -92,18 +92,13 @@ def _lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:
 
 
 def fast_options(train: dict) -> dict:
-    """The fast-path keys of a [train] dict, defaults filled in and checked (a hand-built dict bypasses
-    the spec's validation, so the message says what was expected)."""
+    """The fast-path keys of a [train] dict, defaults filled in and checked as the spec checks them (a
+    hand-built dict bypasses the spec's validation, so the message says what was expected)."""
     o = {k: train.get(k, v) for k, v in FAST_DEFAULTS.items()}
-    if o["augment"] not in AUGMENTS:
-        raise ValueError(f"[train] augment must be one of {', '.join(AUGMENTS)}, found {o['augment']!r}")
-    if o["precision"] not in PRECISIONS:
-        raise ValueError(f"[train] precision must be one of {', '.join(PRECISIONS)}, found {o['precision']!r}")
-    if not (isinstance(o["crop_padding"], int) and o["crop_padding"] >= 0):
-        raise ValueError(f"[train] crop_padding must be an integer >= 0, found {o['crop_padding']!r}")
-    if not 0 <= o["warmup_epochs"] < train["epochs"]:
-        raise ValueError(f"[train] warmup_epochs must be in [0, epochs = {train['epochs']}), "
-                         f"found {o['warmup_epochs']!r}; lower it or raise epochs")
+    parse_section(TrainOptions, o, "[train] (as given to the worker)")
+    problem = warmup_problem(o["warmup_epochs"], train["epochs"])
+    if problem:
+        raise SetupError(f"[train]: {problem}")
     return o
 
 

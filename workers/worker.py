@@ -22,7 +22,7 @@ from workers.datasets import Dataset, DatasetError, dataset_fingerprint, load_da
 from workers.errors import LongtailError, PluginError, call_plugin
 from workers.models import convnet_pack, ensemble_options, model_factory
 from workers.options import SetupError
-from workers.results import RunFailed, RunOutput, run_plugin_trainer
+from workers.results import RunFailed, RunFailure, RunOutput, WorkerConfig, WorkerResult, run_plugin_trainer
 from workers.storage import StorageError
 
 
@@ -55,14 +55,19 @@ def _node_id() -> str:
 
 
 class RunWorker:
-    def __init__(self, spec: dict, campaign: str, spec_hash: str, fingerprint: str, threads: int = 1,
-                 use_gpu: bool = False, probe: str = "", ship: str = "auto", device: str | None = None):
+    def __init__(self, config: WorkerConfig | dict, *args, **kwargs):
         """Load the dataset the spec names (each worker reads it where it runs: no copy of the data
         travels through the driver) and check that it is the one the campaign was created with.
 
-        `probe` is a file the driver just wrote in the campaign directory: a worker that cannot see it
-        (a node whose disk is not the driver's) returns its shards' bytes for the driver to write,
-        so that no shard is ever written where the driver will not find it."""
+        `config.probe` is a file the driver just wrote in the campaign directory: a worker that cannot
+        see it (a node whose disk is not the driver's) returns its shards' bytes for the driver to
+        write, so that no shard is ever written where the driver will not find it.
+
+        RunWorker(spec, campaign, spec_hash, fingerprint, ...) (WorkerConfig's fields) still works, for
+        scripts and tests that build a worker by hand."""
+        if not isinstance(config, WorkerConfig):
+            config = WorkerConfig(config, *args, **kwargs)
+        spec, fingerprint, device = config.spec, config.fingerprint, config.device
         dataset = load_dataset(spec["dataset"])
         found = dataset_fingerprint(dataset)
         if found != fingerprint:
@@ -70,8 +75,8 @@ class RunWorker:
                                f"fingerprint {found}, the campaign expects {fingerprint}; every node must see "
                                f"the same data")
         self.dataset = dataset
-        self.campaign = campaign
-        self.spec_hash = spec_hash
+        self.campaign = config.campaign
+        self.spec_hash = config.spec_hash
         self.train = dict(spec["train"])
         self.soft = list(spec["estimates"]["soft"])
         trainer = self.train.get("trainer", "")
@@ -82,8 +87,8 @@ class RunWorker:
 
             from workers.training import DeviceData
 
-            torch.set_num_threads(max(1, threads))
-            if use_gpu and not torch.cuda.is_available() and (device is None or device.startswith("cuda")):
+            torch.set_num_threads(max(1, config.threads))
+            if config.use_gpu and not torch.cuda.is_available() and (device is None or device.startswith("cuda")):
                 raise NoGPUError(
                     f"worker on {socket.gethostname()} (pid {os.getpid()}) reserved a GPU ([resources] "
                     f"gpus_per_worker = {spec['resources']['gpus_per_worker']}) but torch finds no CUDA device "
@@ -91,7 +96,7 @@ class RunWorker:
                     f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r}); it refuses to train on the CPU "
                     f"instead. Check the node's driver with nvidia-smi and that torch is a CUDA build, or set "
                     f"gpus_per_worker = 0 to train on CPUs")
-            device = torch.device(device or ("cuda" if use_gpu else "cpu"))
+            device = torch.device(device or ("cuda" if config.use_gpu else "cpu"))
             self.device = str(device)
             self.data = DeviceData.from_dataset(dataset, device)
             self.build = model_factory(spec["model"])
@@ -109,19 +114,17 @@ class RunWorker:
         self.host = socket.gethostname()
         self.node = _node_id()
         self.versions = library_versions()
-        self.direct = ship != "driver" and (not probe or os.path.exists(probe))
+        self.direct = config.ship != "driver" and (not config.probe or os.path.exists(config.probe))
 
     def ping(self) -> dict:
         return {"host": self.host, "node": self.node, "pid": os.getpid(), "direct": self.direct}
 
-    def _failure(self, run: int, e: BaseException, detail: str) -> dict:
+    def _failure(self, run: int, e: BaseException, detail: str) -> RunFailure:
         """A run that failed on its own, as data: the driver records it in failed/."""
-        return {"run": run, "failed": True, "reason": f"{type(e).__name__}: {e}".splitlines()[0][:500],
-                "traceback": detail, "host": self.host,
-                # storage trouble (disk full, permissions) is not the run's fault: the driver stops
-                "fatal": isinstance(e, StorageError)}
+        # storage trouble (disk full, permissions) is not the run's fault: the driver stops
+        return RunFailure.of(run, e, detail, self.host, fatal=isinstance(e, StorageError))
 
-    def run(self, run: int, packed_mask: np.ndarray, seed: int, shard_path: str) -> dict:
+    def run(self, run: int, packed_mask: np.ndarray, seed: int, shard_path: str) -> WorkerResult | RunFailure:
         """Train run `run` and write its shard; a run that fails on its own returns why, as data."""
         start = time.perf_counter()
         try:
@@ -130,7 +133,7 @@ class RunWorker:
         except Exception as e:  # worker deaths are the driver's to retry
             return self._failure(run, e, traceback.format_exc())
 
-    def run_many(self, calls: list[tuple[int, np.ndarray, int, str]]) -> list[dict]:
+    def run_many(self, calls: list[tuple[int, np.ndarray, int, str]]) -> list[WorkerResult | RunFailure]:
         """Several runs (run, packed mask, seed, shard path) in one call: trained together in one
         vectorized step where the model allows (the builtin MLP; the builtin convnets when packing is on),
         else one after the other."""
@@ -149,7 +152,7 @@ class RunWorker:
         # float roundings than the ensemble, and a run's shard must not depend on its company
         return self._run_packed(calls)
 
-    def _run_packed(self, calls: list) -> list[dict]:
+    def _run_packed(self, calls: list) -> list[WorkerResult | RunFailure]:
         """Runs trained together: MLPs by workers/ensemble.py, built-in convnets by workers/packed.py."""
         from workers.ensemble import EnsembleRunFailed, train_runs
 
@@ -181,7 +184,7 @@ class RunWorker:
         return results
 
     def run_data_parallel(self, run: int, packed_mask: np.ndarray, seed: int, shard_path: str,
-                          data_parallel: tuple) -> dict | None:
+                          data_parallel: tuple) -> WorkerResult | None:
         """This process's share of a run trained by several (workers/dataparallel.py); rank 0 writes the
         shard and returns the summary, the others None. Failures raise: Ray Train fails the run."""
         from workers.training import train_run
@@ -202,7 +205,8 @@ class RunWorker:
 
         return train_run(self.build, self.data, train_idx, seed, self.train)
 
-    def _finish(self, run: int, mask: np.ndarray, seed: int, shard_path: str, out: RunOutput, start: float) -> dict:
+    def _finish(self, run: int, mask: np.ndarray, seed: int, shard_path: str, out: RunOutput,
+                start: float) -> WorkerResult:
         """Write run `run`'s shard (or return its bytes) and its summary."""
         ds = self.dataset
         train_ok = out.train_pred == ds.y_train
@@ -226,12 +230,12 @@ class RunWorker:
         table = shard_format.build_table(mask, out.train_pred, out.test_pred, ds.y_train, ds.y_test,
                                          ds.num_classes, meta, values,
                                          out.dynamics if "dynamics" in self.train["store"] else None)
+        shipped = None
         if self.direct:
             shard_format.write_shard(shard_path, table)
         else:
-            summary["shard"] = shard_format.shard_bytes(table)
-        summary["seconds"] = round(time.perf_counter() - start, 4)
-        return summary
+            shipped = shard_format.shard_bytes(table)
+        return WorkerResult(**summary, seconds=round(time.perf_counter() - start, 4), shard=shipped)
 
 
 def preflight(spec: dict, dataset: Dataset) -> None:

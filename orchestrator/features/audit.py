@@ -15,10 +15,10 @@ A target is
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,7 +29,7 @@ from workers.shard import META_KEY, read_shard
 
 from orchestrator.fold import Aggregator
 from orchestrator.campaign import Campaign, create_or_open, read_examples
-from orchestrator.paths import CampaignPaths
+from orchestrator.paths import AuditPaths, CampaignPaths
 
 FPRS = (0.001, 0.01)
 ATTACKS = ("online", "offline", "threshold")
@@ -79,8 +79,8 @@ def load_target(agg: Aggregator, path: str) -> Target:
     c = agg.c
     p = Path(path)
     if not p.is_file():
-        raise AuditError(f"target {path}: no such file; expected a run shard (runs/run-NNNNNN.parquet) or a "
-                         f"table of a model's outputs (docs/audit.md)")
+        raise AuditError(f"target {path}: no such file; expected a run shard (such as {c.paths.shard(0)}) "
+                         f"or a table of a model's outputs (docs/audit.md)")
     meta = _shard_meta(p) if p.suffix == ".parquet" else None
     if meta is not None and meta.get("campaign") == c.name and meta.get("spec_hash") == c.spec.result_hash():
         run = int(meta["run"])
@@ -97,7 +97,7 @@ def load_target(agg: Aggregator, path: str) -> Target:
 
 def _foreign_shard(agg: Aggregator, p: Path, meta: dict) -> Target:
     c = agg.c
-    other = CampaignPaths(p.resolve().parent.parent)
+    other = CampaignPaths.of_shard(p.resolve())
     if not other.examples.exists():
         raise AuditError(f"target {p}: a shard of campaign {meta.get('campaign')!r}, but {other.examples} is missing, "
                          f"so its dataset cannot be checked; audit it where its campaign directory is intact")
@@ -229,7 +229,7 @@ def open_folded(campaign_dir: str) -> Aggregator:
     c = create_or_open(None, campaign_dir, load_data=False)
     agg = Aggregator(c)
     for note in agg.notes:
-        click.echo(f"longtail: {note}", err=True)
+        print(f"longtail: {note}", file=sys.stderr)  # a library: notes go to stderr, as the CLI's do
     # shards not in the checkpoint (or all of them, for a checkpoint without the risk sums) are folded
     # here in memory; the checkpoint stays the campaign driver's to write
     from orchestrator.driver import RunReport, fold_existing
@@ -245,7 +245,7 @@ def write_scores(dest: Path, s: Scores, campaign: Campaign, campaign_statistic: 
             "online": s.online, "offline": s.offline}
     if s.target.members is not None:
         cols["member"] = s.target.members
-    path = dest / f"{s.target.name}.parquet"
+    path = AuditPaths(dest).scores(s.target.name)
     meta = {"campaign": campaign.name, "target": s.target.name, "kind": s.target.kind, "run": s.target.run,
             "statistic": campaign_statistic, "global_variance": s.fits.global_variance}
     pq.write_table(pa.table(cols).replace_schema_metadata({b"longtail": json.dumps(meta).encode()}), path,

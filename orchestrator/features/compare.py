@@ -29,6 +29,7 @@ from workers.errors import LongtailError
 from workers.storage import atomic_write_text
 
 from orchestrator.fold import Aggregator
+from orchestrator.paths import ComparePaths
 
 BLOCK_RUNS = 256
 
@@ -279,7 +280,7 @@ def summarize(comp: Comparison, k: int) -> dict:
 
 
 def write(comp: Comparison, summary: dict, dest: Path, a_name: str, b_name: str) -> list[Path]:
-    from orchestrator.estimates_files import _clean
+    from orchestrator.estimates_files import json_safe
     from orchestrator.features.report import _figure, _png, _table
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -289,17 +290,18 @@ def write(comp: Comparison, summary: dict, dest: Path, a_name: str, b_name: str)
     if comp.out_diff is not None:
         cols.update(held_out_a=comp.out_a, held_out_b=comp.out_b, held_out_diff=comp.out_diff, held_out_se=comp.out_se)
     meta = {b"longtail": json.dumps({"paired": comp.paired, "why": comp.why, "a": a_name, "b": b_name}).encode()}
-    files = [dest / "compare.parquet"]
+    out = ComparePaths(dest)
+    files = [out.table]
     pq.write_table(pa.table(cols).replace_schema_metadata(meta), files[0], compression="zstd")
     if comp.infl_diff is not None:
         k = len(comp.test_ids)
-        files.append(dest / "influence.parquet")
+        files.append(out.influence)
         pq.write_table(pa.table({
             "train": np.repeat(np.arange(n, dtype=np.int32), k), "test": np.tile(comp.test_ids.astype(np.int32), n),
             "infl_a": comp.infl_a.ravel(), "infl_b": comp.infl_b.ravel(), "diff": comp.infl_diff.ravel(),
             "se": comp.infl_se.ravel()}).replace_schema_metadata(meta), files[-1], compression="zstd")
-    files.append(dest / "compare.json")
-    atomic_write_text(files[-1], json.dumps(_clean({"a": a_name, "b": b_name, **summary}), indent=2) + "\n")
+    files.append(out.summary)
+    atomic_write_text(files[-1], json.dumps(json_safe({"a": a_name, "b": b_name, **summary}), indent=2) + "\n")
     fig, ax = _figure(4.2, 4.0)
     ax.scatter(comp.mem_a, comp.mem_b, s=4, alpha=0.4)
     ax.plot([-1, 1], [-1, 1], color="grey", lw=0.8)
@@ -328,7 +330,7 @@ td,th{{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}}</style></
 <h2>Memorization decreased most</h2>{table(summary['decreased_most'])}
 <h2>Rank correlation per class</h2>{_table(['class', 'Spearman'], [[k, f'{v:.3f}'] for k, v in m['spearman_per_class'].items()])}
 </body></html>"""
-    files.append(dest / "index.html")
+    files.append(out.page)
     atomic_write_text(files[-1], html)
     return files
 

@@ -19,14 +19,14 @@ or --address). From it:
                       share of runs that train on an example (the subset ratio; 1/2 for paired),
                       over examples: median and 90th percentile; and the runs each target needs.
 
-Numbers are pure functions below; Ray and files stay in `measure_pilot` and the command.
+Numbers are pure functions (the precision and storage ones in estimators/precision.py, the time ones below);
+Ray and files stay in `measure_pilot` and the command.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -37,6 +37,9 @@ from types import SimpleNamespace
 import numpy as np
 
 from estimators.estimates import error_bound
+# the precision and storage numbers (imported from here by tests and callers of the plan)
+from estimators.precision import (degenerate_share, expected_se, in_share, main_ratio_runs,  # noqa: F401
+                                  runs_for_bound, runs_for_se, storage_bytes, variance_per_run)
 
 from orchestrator import spec as specs
 from orchestrator.campaign import CampaignError
@@ -44,14 +47,13 @@ from orchestrator.pool import runs_per_call
 from orchestrator.progress import format_bytes, format_seconds
 
 DEFAULT_TARGET_SE = 0.05
-TOPK_ROW_BYTES = 26  # test int32, rank int16, train int32, infl/se/ci_low/ci_high float32 (uncompressed)
 
 
 class PilotError(CampaignError):
     """The pilot could not measure anything; says why (the first failure) and what to try."""
 
 
-# --- numeric parts (pure) -------------------------------------------------------------------------
+# --- numeric parts (pure; precision and storage in estimators/precision.py) ------------------------
 
 
 def seconds_per_run(training_seconds: float, workers_used: int, trained: int) -> float:
@@ -76,85 +78,7 @@ def compute_hours(wall: float, workers: int, per_worker: float) -> float:
     return wall / 3600.0 * workers * per_worker
 
 
-def main_ratio_runs(runs: int, design: str, n_ratios: int, primary: int) -> int:
-    """How many of `runs` use the main subset ratio (run r uses ratio r mod K; pairs share one)."""
-    r = np.arange(runs)
-    which = (r // 2) % n_ratios if design == "paired" else r % n_ratios
-    return int((which == primary).sum())
-
-
-def in_share(design: str, ratio: float) -> float:
-    """Expected share of the main ratio's runs that train on a given example: the ratio, except in
-    the paired design, where every example is in exactly one run of each pair."""
-    return 0.5 if design == "paired" else ratio
-
-
 DEGENERATE_CAVEAT = 0.5  # above this share of 0/1 accuracies the pilot's standard errors are not evidence
-
-
-def degenerate_share(acc_in: np.ndarray, acc_out: np.ndarray) -> float:
-    """Share of examples whose in- and out-accuracies over the pilot are both exactly 0 or 1: their
-    estimated per-run variance is 0, so a short pilot makes the standard errors (and runs needed) look
-    smaller than they are."""
-    if not len(acc_in):
-        return 1.0
-    return float(np.mean(np.isin(acc_in, (0.0, 1.0)) & np.isin(acc_out, (0.0, 1.0))))
-
-
-def variance_per_run(acc_in: np.ndarray, acc_out: np.ndarray, share: float) -> np.ndarray:
-    """V_i such that the plug-in standard error of mem(i) after t runs is sqrt(V_i / t):
-    V_i = p_in(1 - p_in) / q + p_out(1 - p_out) / (1 - q), since n_in = q t and n_out = (1 - q) t."""
-    return acc_in * (1 - acc_in) / share + acc_out * (1 - acc_out) / (1 - share)
-
-
-def expected_se(v: np.ndarray, runs: float) -> np.ndarray:
-    return np.sqrt(v / runs)
-
-
-def runs_for_se(v: float, target: float) -> int:
-    """Main-ratio runs for sqrt(v / t) <= target (at least 2: a campaign's minimum)."""
-    return max(2, math.ceil(v / (target * target))) if target > 0 else sys.maxsize
-
-
-def runs_for_bound(target: float, ratio: float) -> int:
-    """Smallest t with error_bound(t, ratio) <= target; the bound falls monotonically in t."""
-    if target <= 0:
-        return sys.maxsize
-    hi = 2
-    while error_bound(hi, ratio) > target:
-        hi *= 2
-    lo = hi // 2
-    while lo + 1 < hi:  # invariant: bound(lo) > target >= bound(hi), or lo is below the first probe
-        mid = (lo + hi) // 2
-        if error_bound(mid, ratio) <= target:
-            hi = mid
-        else:
-            lo = mid
-    return max(2, hi)
-
-
-def influence_bytes(mode: str, n_train: int, n_test: int, targets: int, same_class_cells: int, top_k: int) -> int:
-    """estimates/ influence files: dense = estimate and standard error, float32, per target; per-class the
-    same over same-class (train, test) cells; topk = top_k rows per test example (upper bound, uncompressed)."""
-    if mode == "dense":
-        return 2 * 4 * n_train * n_test * targets
-    if mode == "per-class":
-        return 2 * 4 * same_class_cells * targets
-    if mode == "topk":
-        return TOPK_ROW_BYTES * n_test * top_k * targets
-    return 0
-
-
-def checkpoint_bytes(mode: str, n_train: int, n_test: int, runs: int, soft: int, per_example: int) -> int:
-    """state/fold.npz: dense sums M^T X (float32; soft targets also their squares) when influence is dense,
-    every run's test outcomes (bit-packed 0/1, float16 soft values), and per-example sums."""
-    dense = 4 * n_train * n_test * (1 + 2 * soft) if mode == "dense" else 0
-    return dense + runs * ((n_test + 7) // 8 + 2 * n_test * soft) + per_example
-
-
-def plan_bytes(runs: int, n_train: int, examples_bytes: int) -> int:
-    """plan/: bit-packed masks, int64 seeds, int8 ratio index per run, and examples.parquet."""
-    return runs * ((n_train + 7) // 8 + 8 + 1) + examples_bytes
 
 
 # --- the pilot ------------------------------------------------------------------------------------
@@ -180,9 +104,9 @@ def pilot_spec(spec: specs.Spec, pilot: int) -> specs.Spec:
 def measure_pilot(spec: specs.Spec, pilot: int, address: str | None, progress: bool = True,
                   spec_source: str = "") -> dict:
     """Run the pilot on the target cluster and return the plan (a JSON-safe dict)."""
-    import pyarrow.parquet as pq
-
     from workers.shard import read_meta
+
+    from orchestrator.estimates_files import read_memorization
 
     from orchestrator.fold import influence_mode
     from orchestrator.campaign import create_or_open
@@ -219,7 +143,7 @@ def measure_pilot(spec: specs.Spec, pilot: int, address: str | None, progress: b
             if owned:
                 ray.shutdown()
         paths = campaign.paths
-        shards = sorted(paths.runs_dir.glob("run-*.parquet"))
+        shards = sorted(paths.runs_dir.glob(paths.SHARD_GLOB))
         if report.trained == 0 or not shards:
             reasons = campaign.failure_reasons()
             first = _first_failure(paths)
@@ -227,7 +151,7 @@ def measure_pilot(spec: specs.Spec, pilot: int, address: str | None, progress: b
                              f"failure: {first or next(iter(reasons), 'unknown')}. Fix the cause (check the spec with "
                              f"`longtail validate {spec_source or 'SPEC'}`), then plan again")
         metas = [read_meta(p) for p in shards]
-        mem = pq.read_table(paths.memorization, columns=["acc_in", "acc_out"])
+        mem = read_memorization(paths, ["acc_in", "acc_out"])
         acc_in = mem.column("acc_in").to_numpy(zero_copy_only=False).astype(np.float64)
         acc_out = mem.column("acc_out").to_numpy(zero_copy_only=False).astype(np.float64)
         measured = {
@@ -263,7 +187,7 @@ def measure_pilot(spec: specs.Spec, pilot: int, address: str | None, progress: b
 def _first_failure(paths) -> str | None:
     if not paths.failed_dir.exists():
         return None
-    for p in sorted(paths.failed_dir.glob("run-*.json")):
+    for p in sorted(paths.failed_dir.glob(paths.FAILURE_GLOB)):
         try:
             return json.loads(p.read_text()).get("reason")
         except (OSError, ValueError):
@@ -285,15 +209,9 @@ def build_plan(spec: specs.Spec, m: dict, workers: int, cluster: dict, mode: str
     wall = wall_seconds(runs, rate, m["startup_seconds"])
     gpu = res.gpus_per_worker > 0
     hours = compute_hours(wall, workers, res.gpus_per_worker if gpu else res.cpus_per_worker)
-    targets = 1 + len(e.soft)
-    storage = {
-        "shards": m["bytes_per_shard"] * runs,
-        "plan": plan_bytes(runs, n_train, m["examples_bytes"]),
-        "estimates": influence_bytes(mode, n_train, n_test, targets, same_class_cells, e.top_k)
-        + m["memorization_bytes"],
-        "checkpoint": checkpoint_bytes(mode, n_train, n_test, runs, len(e.soft), m["fold_bytes"]),
-    }
-    storage["total"] = sum(storage.values())
+    storage = storage_bytes(mode, n_train, n_test, runs, len(e.soft), e.top_k, same_class_cells,
+                            per_shard=m["bytes_per_shard"], examples=m["examples_bytes"],
+                            memorization=m["memorization_bytes"], fold_per_example=m["fold_bytes"])
     share = in_share(c.design, ratio)
     ok = np.isfinite(acc_in) & np.isfinite(acc_out)  # examples the pilot saw both in and out
     v = variance_per_run(acc_in[ok], acc_out[ok], share)

@@ -1,6 +1,6 @@
 """The fold hook and the estimates files of training-dynamics proxies and out-of-subset triage.
 
-`ProxyFold` rides along the Aggregator's fold (orchestrator/aggregate.py): every main-ratio run adds its
+`ProxyFold` rides along the Aggregator's fold (orchestrator/fold.py): every main-ratio run adds its
 training dynamics (when its shard has them) to estimators.proxies.Dynamics and its predicted labels of
 the examples it did not train on to estimators.triage.OutOfSubset; both are saved in the fold checkpoint
 under "proxy." keys. `write` turns them into estimates/ files (docs/proxies-and-triage.md):
@@ -135,21 +135,20 @@ def write(agg, mem: np.ndarray, write_parquet, write_npy, final: bool) -> dict:
     """Write the proxy and triage estimates of `agg` (an Aggregator) for memorization `mem`; returns the
     summary entries. The bootstrap intervals and pred_probs are written only when `final`."""
     c, e, fold = agg.c, agg.c.spec.estimates, agg.proxies
-    d = c.paths.estimates_dir
     y = c.labels["train_labels"]
     t, _, cat = triage_table(fold, y, mem, e)
     runs = agg.stats.runs
-    write_parquet(d / "triage.parquet", t, runs)
+    write_parquet(c.paths.triage, t, runs)
     pred_probs_bytes = 4 * c.n_train * fold.oos.classes
     if final and pred_probs_bytes <= e.memory_gb * 1e9:  # dense by nature: 5 GB at ImageNet scale
-        write_npy(d / "pred_probs.npy", fold.oos.pred_probs())
+        write_npy(c.paths.pred_probs, fold.oos.pred_probs())
     rows = []
     table = proxies_table(fold)
     if table is not None:
-        write_parquet(d / "proxies.parquet", table, fold.dynamics.folded)
+        write_parquet(c.paths.proxies, table, fold.dynamics.folded)
         if final:  # the curve sorts n examples per level and proxy: not at every checkpoint
             rows = px.curve(fold.dynamics, mem, bootstrap=200)
-            write_parquet(d / "proxy_agreement.parquet", agreement_table(rows), fold.dynamics.folded)
+            write_parquet(c.paths.proxy_agreement, agreement_table(rows), fold.dynamics.folded)
     out = summary(rows, cat, fold, e)
     if pred_probs_bytes > e.memory_gb * 1e9:
         out["triage"]["pred_probs"] = (f"not written: {pred_probs_bytes / 1e9:.1f} GB exceeds [estimates] memory_gb "
@@ -189,7 +188,7 @@ def _read(path) -> pa.Table | None:
 
 
 def read_triage(paths) -> dict[str, np.ndarray] | None:
-    t = _read(paths.estimates_dir / "triage.parquet")
+    t = _read(paths.triage)
     return None if t is None else {k: t.column(k).to_numpy(zero_copy_only=False) for k in t.column_names}
 
 
@@ -202,5 +201,5 @@ def describe(triage: dict[str, np.ndarray], example: int) -> str:
 
 
 def read_agreement(paths) -> list[dict] | None:
-    t = _read(paths.estimates_dir / "proxy_agreement.parquet")
+    t = _read(paths.proxy_agreement)
     return None if t is None else t.to_pylist()

@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -153,7 +152,7 @@ def check(campaign_dir, nodes: set[str] | None = None) -> list[Check]:
     checks.append(_against_truth("memorization", mem_file, written["se"].to_numpy(), written["ci_low"].to_numpy(),
                                  written["ci_high"].to_numpy(), truth.mem))
     checks.append(_against_truth("influence", written_infl, infl.se, infl.ci_low, infl.ci_high, truth.infl))
-    risk_path = c.paths.estimates_dir / "privacy_risk.parquet"
+    risk_path = c.paths.privacy_risk
     if risk_path.exists():
         risk = pq.read_table(risk_path).to_pandas().sort_values("example")["risk"].to_numpy()
         top = set(np.argsort(-np.nan_to_num(risk, nan=-1))[:len(p["leaky"])].tolist())
@@ -168,7 +167,7 @@ def _cluster_nodes(ray) -> set[str]:
     return {n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0}
 
 
-def run_selftest(address: str | None = None, out: str | None = None, runs: int = 400, say=click.echo) -> tuple[list[Check], Path]:
+def run_selftest(address: str | None = None, out: str | None = None, runs: int = 400, say=print) -> tuple[list[Check], Path]:
     """Run the self-test campaign (in `out`, or a temporary directory) on the cluster at `address`."""
     from orchestrator.campaign import create_or_open
     from cluster.connect import ray_init

@@ -30,17 +30,21 @@ import hashlib
 import json
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from estimators.precision import drop, mean_se  # the precision of a condition's mean, and of a drop
 from workers.shard import ShardError, read_shard
-from workers.storage import arrow_source, atomic_write_bytes, atomic_write_text, is_temporary, makedirs, move
+from workers.results import WorkerResult
+from workers.storage import atomic_write_bytes, atomic_write_text, is_temporary, makedirs
 
 from orchestrator.campaign import Campaign, CampaignError
+from orchestrator.dispatch import Dispatcher, Job, Work
+from orchestrator.failures import quarantine, write_failure
+from orchestrator.paths import CampaignPaths, UtilityPaths, stamp
+from orchestrator.estimates_files import read_memorization_values, read_pairs, read_summary
 
 FULL, MEMORIZED, RANDOM, PAIRS = "full", "memorized", "random", "pairs"
 
@@ -103,26 +107,6 @@ def random_removal(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
     return np.sort(rng.choice(n, size=k, replace=False))
 
 
-def mean_se(values) -> tuple[float, float]:
-    """Mean and its standard error (sample sd with ddof 1 / sqrt(k)); NaN where undefined."""
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    if len(v) == 1:
-        return float(v[0]), float("nan")
-    if np.ptp(v) == 0:  # identical outcomes (a deterministic learner): exactly no spread, not rounding noise
-        return float(v[0]), 0.0
-    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v)))
-
-
-def drop(base: tuple[float, float], other: tuple[float, float]) -> tuple[float, float]:
-    """base mean - other mean, and its standard error sqrt(se_base^2 + se_other^2): the two conditions'
-    models are trained independently (different seeds, and for random removal different draws)."""
-    (m0, s0), (m1, s1) = base, other
-    return m0 - m1, float(np.sqrt(s0 * s0 + s1 * s1))
-
-
 # --- what to train --------------------------------------------------------------------------------
 
 
@@ -177,7 +161,8 @@ def conditions(mem: np.ndarray, thresholds: list[float], pair_train: np.ndarray 
     return out
 
 
-def follow_up_runs(conds: list[Condition], runs: int, campaign_seed: int, n_train: int, runs_dir) -> list[FollowUpRun]:
+def follow_up_runs(conds: list[Condition], runs: int, campaign_seed: int, n_train: int,
+                   paths: UtilityPaths) -> list[FollowUpRun]:
     out = []
     for c in conds:
         for rep in range(runs):
@@ -188,7 +173,7 @@ def follow_up_runs(conds: list[Condition], runs: int, campaign_seed: int, n_trai
             elif c.fixed is not None:
                 mask[c.fixed] = False
             out.append(FollowUpRun(c.name, rep, utility_run_id(c.name, rep), seed, mask,
-                                   runs_dir / f"{c.name}-r{rep}.parquet"))
+                                   paths.shard(c.name, rep)))
     return out
 
 
@@ -251,25 +236,19 @@ def _say(msg: str) -> None:
 
 
 def _read_estimates(c: Campaign) -> tuple[np.ndarray, int]:
-    path = c.paths.memorization
-    if not path.exists():
-        raise UtilityError(f"no estimates yet: {path} does not exist. Let the campaign fold some runs first "
-                           f"(longtail resume {c.paths.root}), or recompute them from its shards "
+    found = read_memorization_values(c.paths, c.n_train)
+    if found is None:
+        raise UtilityError(f"no estimates yet: {c.paths.memorization} does not exist. Let the campaign fold some "
+                           f"runs first (longtail resume {c.paths.root}), or recompute them from its shards "
                            f"(longtail estimate {c.paths.root})")
-    source, filesystem = arrow_source(path)
-    table = pq.read_table(source, filesystem=filesystem, columns=["example", "mem"])
-    meta = json.loads((table.schema.metadata or {}).get(b"longtail", b"{}"))
-    mem = np.full(c.n_train, np.nan)
-    mem[table.column("example").to_numpy()] = table.column("mem").to_numpy(zero_copy_only=False)
-    return mem, int(meta.get("runs", 0))
+    return found
 
 
 def _read_pairs(c: Campaign) -> tuple[np.ndarray, np.ndarray] | None:
     """(train ids, test ids) of the high-influence pairs, or None when the campaign has no pairs file."""
-    if not c.paths.pairs.exists():
+    t = read_pairs(c.paths, ["train", "test"])
+    if t is None:
         return None
-    source, filesystem = arrow_source(c.paths.pairs)
-    t = pq.read_table(source, filesystem=filesystem, columns=["train", "test"])
     return t.column("train").to_numpy().astype(np.int64), t.column("test").to_numpy().astype(np.int64)
 
 
@@ -294,8 +273,7 @@ def run_utility(campaign_dir, thresholds: list[float], runs: int = 5, pairs: boo
         why = (f"{c.paths.pairs} does not exist (the campaign's [estimates] influence is "
                f"{c.spec.estimates.influence!r})" if found is None else f"{c.paths.pairs} holds no pair")
         raise UtilityError(f"--pairs: no high-influence pairs to remove: {why}. Run without --pairs.")
-    summary_path = c.paths.summary
-    campaign_summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    campaign_summary = read_summary(c.paths) or {}
     if not campaign_summary.get("complete", False):
         _say(f"the campaign is not complete: its estimates stand on {est_runs} of {c.plan.runs} runs; the examples "
              f"selected now may change as it goes on (a later `longtail utility` retrains only the models whose "
@@ -308,12 +286,12 @@ def run_utility(campaign_dir, thresholds: list[float], runs: int = 5, pairs: boo
                            + (" and there are no high-influence pairs" if not have_pairs else "")
                            + "; nothing to compare with the full training set. Use lower thresholds.")
     root = c.paths.utility_dir
-    runs_dir = root / "runs"
+    runs_dir = c.paths.utility.runs_dir
     makedirs(runs_dir)
     influenced = np.unique(found[1]) if pairs else np.zeros(0, np.int64)
-    todo_runs = follow_up_runs(conds, runs, c.plan.campaign_seed, c.n_train, runs_dir)
+    todo_runs = follow_up_runs(conds, runs, c.plan.campaign_seed, c.n_train, c.paths.utility)
 
-    lock = DriverLock(root / "utility.lock")
+    lock = DriverLock(c.paths.utility.lock)
     try:
         lock.acquire()
     except LockedError as e:  # two of them would train the same models twice
@@ -335,7 +313,7 @@ def run_utility(campaign_dir, thresholds: list[float], runs: int = 5, pairs: boo
                 outcomes.setdefault(r.condition, []).append(got)
                 report.reused += 1
         if todo:
-            _train(c, todo, len(todo_runs), address, progress, root, influenced, outcomes, report)
+            _train(c, todo, len(todo_runs), address, progress, influenced, outcomes, report, lock)
         report.rows = summarize(conds, outcomes, c.n_train)
         report.info = {
             "campaign": c.name, "directory": str(c.paths.root), "n_train": c.n_train, "n_test": c.n_test,
@@ -374,11 +352,7 @@ def _existing(c: Campaign, r: FollowUpRun, root, influenced: np.ndarray) -> Outc
     try:
         return _outcome(c, r, influenced)
     except ShardError as e:
-        stale = root / "stale"
-        makedirs(stale)
-        target = stale / f"{r.path.name}.{time.strftime('%Y%m%dT%H%M%S')}"
-        move(r.path, target)
-        atomic_write_text(target.with_name(target.name + ".why.txt"), f"{e}\n")
+        target = quarantine(r.path, c.paths.utility.stale(r.path, stamp()), str(e))
         _say(f"{r.path} is not usable ({e}); moved to {target}, the model will be trained again")
         return None
 
@@ -394,131 +368,75 @@ def _outcome(c: Campaign, r: FollowUpRun, influenced: np.ndarray) -> Outcome:
     return Outcome(float(correct.mean()), float(correct[influenced].mean()) if len(influenced) else float("nan"), r.rep)
 
 
-def _train(c: Campaign, todo: list[FollowUpRun], total: int, address: str | None, show_progress: bool, root,
-           influenced: np.ndarray, outcomes: dict[str, list[Outcome]], report: UtilityReport) -> None:
-    """The campaign's dispatch, reduced: long-lived RunWorker actors, a bounded number of calls in flight,
-    runs whose worker died retried elsewhere ([resources] max_retries), runs that fail on their own
-    recorded in utility/failed/ and retried by the next invocation."""
-    import os
+def _train(c: Campaign, todo: list[FollowUpRun], total: int, address: str | None, show_progress: bool,
+           influenced: np.ndarray, outcomes: dict[str, list[Outcome]], report: UtilityReport, lock,
+           executor=None) -> None:
+    """The follow-up runs through the campaign's Dispatcher (orchestrator/dispatch.py), on the campaign's
+    own RunWorker actors (or `executor`'s workers): a bounded number of calls in flight, runs whose
+    worker died retried alone elsewhere ([resources] max_retries), the lock heartbeated, runs that fail
+    on their own recorded in utility/failed/ and retried by the next invocation."""
+    if executor is None:
+        from orchestrator.pool import ray_workers
 
-    from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
-
-    from cluster.connect import ray_init
-    from orchestrator.driver import _ANSI
-    from orchestrator.pool import WorkerPool, runs_per_call
+        with ray_workers(c, address, c.paths.utility_dir, _say) as (pool, _):
+            return _train(c, todo, total, address, show_progress, influenced, outcomes, report, lock, pool)
+    from orchestrator.pool import runs_per_call
     from orchestrator.progress import Progress
 
-    ray, owned, _ = ray_init(address, c.spec.resources.local_cpus)
     res = c.spec.resources
-    pack = runs_per_call(c.spec)
-    probe = root / f".probe-{os.getpid()}-{time.time_ns()}"
-    atomic_write_text(probe, "a worker that can read this file sees the campaign directory\n")
-    pool = WorkerPool(ray, c, _say, str(probe))
-    queue = deque(todo)
-    attempts: dict[str, int] = {}
-    in_flight: dict = {}
-    budget = res.max_failures
-    limit = int(budget) if budget >= 1 else max(1, int(budget * total))
-    try:
-        pool.grow_to(min(pool.fit(), -(-len(queue) // pack)))
-        pool.wait_ready()
-        _say(f"utility of {c.name!r}: {len(todo)} follow-up runs to train on {len(pool.live())} workers "
-             f"({total - len(todo)} of {total} already done)")
-        bar = Progress(total=total, done=total - len(todo), enabled=show_progress)
-        done = total - len(todo)
+    work = FollowUps(c, influenced, outcomes, report, done=total - len(todo))
+    dispatcher = Dispatcher(executor, work, pack=runs_per_call(c.spec), max_in_flight=res.max_in_flight,
+                            max_retries=res.max_retries, max_failures=res.max_failures, planned=total, say=_say,
+                            lock=lock, failed=report.failed)
+    workers = dispatcher.start([Job(r.name, (r.run_id, np.packbits(r.mask), r.seed, str(r.path)),
+                                    f"follow-up run {r.name}", r) for r in todo])
+    _say(f"utility of {c.name!r}: {len(todo)} follow-up runs to train on {workers} workers "
+         f"({total - len(todo)} of {total} already done)")
+    dispatcher.run(Progress(total=total, done=total - len(todo), enabled=show_progress))
+
+
+class FollowUps(Work):
+    """What `longtail utility` does with its runs in the Dispatcher: read each model's test outcomes."""
+
+    error = UtilityError
+    noun = "follow-up run"
+    no_worker = "no worker is left to train the follow-up runs; see the messages above"
+
+    def __init__(self, c: Campaign, influenced: np.ndarray, outcomes: dict[str, list[Outcome]],
+                 report: UtilityReport, done: int):
+        self.c, self.influenced, self.outcomes, self.report, self.done = c, influenced, outcomes, report, done
+        self.paths = c.paths.utility
+        self.failed_dir = self.paths.failed_dir
+        self.resume = "run the same `longtail utility` again: finished runs are kept"
+
+    def task_name(self, jobs: list[Job]) -> str:
+        return f"longtail:{self.c.name}:utility"  # the dashboard and `ray summary tasks` tell follow-ups apart
+
+    def failure_path(self, name: str):
+        return self.paths.failure(name)
+
+    def record(self, job: Job, reason: str, detail: str, host: str, attempts: int | None) -> None:
+        r: FollowUpRun = job.item
+        write_failure(self.paths.failure(r.name), {"run": r.name, "condition": r.condition, "rep": r.rep},
+                      reason, detail, host)
+
+    def finished(self) -> int:
+        return self.done
+
+    def accept(self, job: Job, result: WorkerResult) -> str | None:
+        r: FollowUpRun = job.item
+        if result.shard is not None:  # a worker that cannot see the campaign directory sent the shard's bytes
+            atomic_write_bytes(r.path, result.shard)
         try:
-            while queue or in_flight:
-                pool.poll()
-                ready = pool.ready()
-                wanted = res.max_in_flight // pack if res.max_in_flight else 2 * len(ready)
-                calls = max(1, wanted // max(1, len(ready)))  # calls in flight per worker, as the driver does
-                for slot in ready:
-                    while queue and slot.load < calls:
-                        group = [queue.popleft() for _ in range(min(pack, len(queue)))]
-                        # a task name of its own: the dashboard and `ray summary tasks` tell follow-ups apart
-                        ref = slot.actor.run_many.options(name=f"longtail:{c.name}:utility").remote(
-                            [(r.run_id, np.packbits(r.mask), r.seed, str(r.path)) for r in group])
-                        in_flight[ref] = (group, slot)
-                        slot.load += 1
-                if not in_flight and not pool.live():
-                    raise UtilityError("no worker is left to train the follow-up runs; see the messages above")
-                finished, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0) if in_flight else ([], [])
-                for ref in finished:
-                    group, slot = in_flight.pop(ref)
-                    slot.load -= 1
-                    try:
-                        results = ray.get(ref)
-                    except (RayActorError, WorkerCrashedError):
-                        for r in group:  # every run the dead worker held is charged one attempt
-                            attempts[r.name] = attempts.get(r.name, 0) + 1
-                            if attempts[r.name] > res.max_retries:
-                                _record_failure(root, r, f"its worker died {attempts[r.name]} times; [resources] "
-                                                         f"max_retries = {res.max_retries}", "", report)
-                            else:
-                                queue.appendleft(r)
-                        if not slot.dead:
-                            pool.kill(slot)
-                            _say(f"worker {slot.name} died; its {len(group)} runs go back in the queue")
-                            pool.grow_to(len(pool.live()) + 1)
-                        continue
-                    except RayTaskError as e:
-                        cause = e.cause if getattr(e, "cause", None) is not None else e
-                        results = [{"failed": True, "reason": f"{type(cause).__name__}: {cause}".splitlines()[0][:500],
-                                    "traceback": _ANSI.sub("", getattr(e, "traceback_str", "") or str(e))}] * len(group)
-                    for r, result in zip(group, results):
-                        if _collect(c, r, result, influenced, outcomes, root, report):
-                            done += 1
-                if len(report.failed) > limit:
-                    raise UtilityError(
-                        f"{len(report.failed)} follow-up runs failed, more than the failure budget ([resources] "
-                        f"max_failures = {budget:g}, i.e. {limit} of {total}); stopped. Reasons are in {root}/failed/ "
-                        f"(first: {_first_reason(root, report.failed)}). Fix the cause, then run the same "
-                        f"`longtail utility` again: finished runs are kept")
-                bar.update(done, len(report.failed), sum(len(g) for g, _ in in_flight.values()))
-        finally:
-            bar.close()
-            pool.shutdown()
-    finally:
-        probe.unlink(missing_ok=True)
-        if owned:
-            ray.shutdown()
-
-
-def _collect(c: Campaign, r: FollowUpRun, result: dict, influenced: np.ndarray, outcomes: dict, root,
-             report: UtilityReport) -> bool:
-    if result.get("fatal"):
-        raise UtilityError(f"follow-up run {r.name} could not be stored on {result.get('host')}: {result['reason']}. "
-                           f"Nothing half-written is visible; fix the cause, then run `longtail utility` again")
-    if result.get("failed"):
-        _record_failure(root, r, result["reason"], result.get("traceback", ""), report, result.get("host", ""))
-        return False
-    if "shard" in result:  # a worker that cannot see the campaign directory sent the shard's bytes
-        atomic_write_bytes(r.path, result.pop("shard"))
-    try:
-        got = _outcome(c, r, influenced)
-    except ShardError as e:
-        _record_failure(root, r, f"its shard failed verification: {e}", "", report, result.get("host", ""))
-        return False
-    if (root / "failed").exists():  # failed in an earlier invocation, done now
-        (root / "failed" / f"{r.name}.json").unlink(missing_ok=True)
-    outcomes.setdefault(r.condition, []).append(got)
-    report.trained += 1
-    return True
-
-
-def _record_failure(root, r: FollowUpRun, reason: str, detail: str, report: UtilityReport, host: str = "") -> None:
-    makedirs(root / "failed")
-    atomic_write_text(root / "failed" / f"{r.name}.json", json.dumps({
-        "run": r.name, "condition": r.condition, "rep": r.rep, "reason": reason, "traceback": detail, "host": host,
-        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
-    report.failed.append(r.name)
-
-
-def _first_reason(root, names: list[str]) -> str:
-    try:
-        return json.loads((root / "failed" / f"{names[0]}.json").read_text())["reason"]
-    except (OSError, ValueError, KeyError, IndexError):
-        return "unknown"
+            got = _outcome(self.c, r, self.influenced)
+        except ShardError as e:
+            return f"its shard failed verification: {e}"
+        if self.paths.failed_dir.exists():  # failed in an earlier invocation, done now
+            self.paths.failure(r.name).unlink(missing_ok=True)
+        self.outcomes.setdefault(r.condition, []).append(got)
+        self.report.trained += 1
+        self.done += 1
+        return None
 
 
 COLUMNS = ("name", "kind", "threshold", "removed", "removed_share", "runs", "acc_mean", "acc_se", "drop", "drop_se",
@@ -526,15 +444,15 @@ COLUMNS = ("name", "kind", "threshold", "removed", "removed_share", "runs", "acc
 
 
 def _write_results(paths, report: UtilityReport) -> None:
-    from orchestrator.estimates_files import _clean, write_parquet
+    from orchestrator.estimates_files import json_safe, write_parquet
 
     cols = {k: [row[k] for row in report.rows] for k in COLUMNS}
     table = pa.table({k: pa.array(v, pa.string() if k in ("name", "kind") else
                                   pa.int64() if k in ("removed", "runs") else pa.float64())
                       for k, v in cols.items()})
     write_parquet(paths.utility_results, table, sum(row["runs"] for row in report.rows))
-    out = _clean({**report.info, "conditions": report.rows})
-    atomic_write_text(paths.utility_dir / "summary.json", json.dumps(out, indent=2) + "\n")
+    out = json_safe({**report.info, "conditions": report.rows})
+    atomic_write_text(paths.utility.summary, json.dumps(out, indent=2) + "\n")
 
 
 # --- printing -------------------------------------------------------------------------------------
@@ -577,9 +495,10 @@ def format_report(report: UtilityReport) -> str:
                   f"{_pct(rem['drop_influenced'], rem['drop_influenced_se']):>27}",
                   f"the influenced test examples account for {100 * p['influenced_share_of_drop']:.2f} of the "
                   f"{100 * rem['drop']:.2f} points of the overall drop"]
+    u = CampaignPaths(info["directory"]).utility
     lines += ["", f"trained {info['trained_now']} follow-up runs now, {info['reused']} were already done"
-              + (f"; {len(info['failed_now'])} failed (see {info['directory']}/utility/failed/; run again to retry)"
+              + (f"; {len(info['failed_now'])} failed (see {u.failed_dir}/; run again to retry)"
                  if info["failed_now"] else "")
               + f"; {info['seconds']:.1f} s",
-              f"results in {info['directory']}/utility/ (utility.parquet, summary.json)"]
+              f"results in {u.root}/ ({u.results.name}, {u.summary.name})"]
     return "\n".join(lines)
