@@ -239,6 +239,24 @@ def _read_or_rebuild_plan(paths: CampaignPaths, spec: specs.Spec, n_train: int, 
     return plan
 
 
+def _interrupted_creation(paths: CampaignPaths) -> bool:
+    """Whether `paths.root` holds only what creating a campaign writes before its campaign.toml (written
+    last): a creating command was killed. Nothing of value is in it yet (no shard, no fold), so creation
+    may start again; anything else in the directory (a user's file, a shard) keeps it refused."""
+    made = {d.name for d in paths.created_dirs}
+    files = {f.name for f in paths.created_files}
+    for entry in paths.root.iterdir():
+        if is_temporary(entry.name):
+            continue
+        if entry.name not in made or not entry.is_dir():
+            return False
+        for inner in entry.iterdir():
+            ours = entry.name == paths.plan_dir.name and inner.name in files and inner.is_file()
+            if not (ours or is_temporary(inner.name)):
+                return False
+    return True
+
+
 def create_or_open(spec: specs.Spec | None, root, load_data: bool = True) -> Campaign:
     """Create the campaign in `root` from `spec`, or reopen it (spec=None: use the frozen one)."""
     paths = CampaignPaths(root)
@@ -287,7 +305,16 @@ def create_or_open(spec: specs.Spec | None, root, load_data: bool = True) -> Cam
     if spec is None:
         raise CampaignError(f"{paths.root} is not a campaign directory (no {paths.spec.name}); "
                             f"start one with: longtail run SPEC --out {paths.root}")
-    if paths.root.exists() and any(p for p in paths.root.iterdir() if not is_temporary(p.name)):
+    if paths.root.exists() and _interrupted_creation(paths):
+        # its files were written atomically, so they are whole and are written again below; only the
+        # killed writer's temporaries go
+        for d in (paths.root, *(d for d in paths.created_dirs if d.exists())):
+            for f in d.iterdir():
+                if is_temporary(f.name) and f.is_file():
+                    f.unlink(missing_ok=True)
+        notes.append(f"{paths.root} held a campaign whose creation was interrupted (no {paths.spec.name} yet, no "
+                     f"shard): created it again")
+    elif paths.root.exists() and any(p for p in paths.root.iterdir() if not is_temporary(p.name)):
         raise CampaignError(f"{paths.root} exists, is not empty and holds no {paths.spec.name}; refusing to write "
                             f"a campaign into it. Choose another --out directory.")
     dataset = load_dataset(spec.dataset.as_dict())

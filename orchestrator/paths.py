@@ -249,8 +249,19 @@ class CampaignPaths:
             return Path(path).relative_to(self.root).as_posix()
         return str(path)[len(str(self.root)):].lstrip("/")
 
+    @property
+    def created_dirs(self) -> tuple[CampaignLocation, ...]:
+        """The directories a new campaign starts with."""
+        return (self.plan_dir, self.runs_dir, self.failed_dir, self.state_dir, self.estimates_dir)
+
+    @property
+    def created_files(self) -> tuple[CampaignLocation, ...]:
+        """What creating a campaign writes before campaign.toml, the last file it writes."""
+        return (self.examples, self.plan_masks, self.plan_seeds, self.plan_ratios, self.plan_info,
+                self.results_record)
+
     def make_dirs(self) -> None:
-        for d in (self.root, self.plan_dir, self.runs_dir, self.failed_dir, self.state_dir, self.estimates_dir):
+        for d in (self.root, *self.created_dirs):
             makedirs(d)
 
 

@@ -263,3 +263,24 @@ checkpoint_seconds = 0.3
     assert seen is not None, "no intermediate estimates were written while the campaign ran"
     assert (tmp_path / "live" / "estimates" / "memorization.parquet").exists()
     assert json.loads(c.paths.summary.read_text())["complete"]
+
+
+def test_a_creation_killed_before_campaign_toml_is_created_again(tmp_path):
+    """A driver SIGKILLed while it creates a campaign leaves plan/ and empty directories but no campaign.toml
+    (written last); the next `longtail run` creates the campaign again instead of refusing the directory,
+    while a directory with anything else in it (a shard, a user's file) is still refused."""
+    from orchestrator.campaign import CampaignError
+
+    root = tmp_path / "c"
+    first = create_or_open(digits_spec(), root)
+    (root / "campaign.toml").unlink()
+    (root / "plan" / ".masks.npy.tmp-x1").write_bytes(b"half")  # the killed writer's temporary
+    again = create_or_open(digits_spec(), root)
+    assert any("creation was interrupted" in n for n in again.notes), again.notes
+    assert (root / "campaign.toml").exists() and not (root / "plan" / ".masks.npy.tmp-x1").exists()
+    assert np.array_equal(again.plan.masks, first.plan.masks)
+
+    (root / "campaign.toml").unlink()
+    (root / "runs" / "run-000000.parquet").write_bytes(b"a shard")
+    with pytest.raises(CampaignError, match="is not empty and holds no campaign.toml"):
+        create_or_open(digits_spec(), root)
