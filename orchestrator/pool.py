@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import re
+import socket
 import time
 
 from workers.results import RunFailure, WorkerConfig, WorkerResult, failure_reason
@@ -211,3 +213,24 @@ class WorkerPool:
                 self.ray.get(slot.actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
             except Exception:  # RayActorError (dead, as wanted) or a time-out: nothing more to wait for
                 pass
+        # Ray may call an actor dead before its process has stopped (seen under load: a killed worker's
+        # temporary shard appeared after the sweep); on this machine, wait for the processes themselves
+        for slot in self.slots:
+            if slot.info.get("host") == socket.gethostname() and slot.info.get("pid"):
+                while _running(int(slot.info["pid"])) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie has stopped: it writes nothing more)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    except OSError:  # no /proc (not Linux): fall back to a signal-0 probe
+        try:
+            os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
