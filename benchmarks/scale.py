@@ -16,6 +16,7 @@ says which figures are measured and which extrapolated.
     python benchmarks/scale.py --runs 4000 --slice 2500         # 4,000 runs on a measured slice
     python benchmarks/scale.py --n-train 1281167 --n-test 50000 --runs 2000 --slice 2500   # ImageNet
     python benchmarks/scale.py --shards 40                      # + write 40 real shards, time reading them
+    python benchmarks/scale.py --only-shards --shards 200 --fold-actors 2   # the live driver, with and without
 """
 
 from __future__ import annotations
@@ -141,6 +142,131 @@ def shard_rate(n_train: int, n_test: int, shards: int, seed: int) -> dict:
     return {"shards": shards, "wall": clock.wall, "cpu": clock.cpu}
 
 
+DRIVER_SPEC = """
+[campaign]
+name = "scale17"
+seed = {seed}
+runs = {runs}
+subset_ratio = 0.7
+design = "fixed"
+[dataset]
+name = "longtail-mixture"
+n_train = {n_train}
+n_test = {n_test}
+classes = 100
+subpopulations = 5000
+[model]
+name = "mlp"
+[train]
+store = {store}
+[estimates]
+influence = "topk"
+"""
+
+
+def driver_rate(n_train: int, n_test: int, shards: int, actors: int, seed: int, store: str) -> dict:
+    """The live driver's fold, both ways side by side on the same real shards of a campaign directory:
+    the driver reading, verifying and folding every shard itself (the Aggregator), and `actors` fold
+    actors on a local Ray doing it (orchestrator/foldpool.py LiveFold: the driver hands out run numbers
+    in batches of 16, as results arrive, and merges the actors' sums at the end). CPU is this process's
+    (the driver's), wall the whole; the two folds must be equal."""
+    import ray
+
+    from orchestrator import spec as specs
+    from orchestrator.campaign import create_or_open
+    from orchestrator.fold import Aggregator
+    from orchestrator.foldpool import LiveFold, Verified
+    from workers.shard import build_table, write_shard
+
+    rng = np.random.default_rng(seed)
+    out = {"shards": shards, "actors": actors, "store": store}
+    with tempfile.TemporaryDirectory() as d:
+        text = DRIVER_SPEC.format(seed=seed, runs=shards, n_train=n_train, n_test=n_test, store=store)
+        c = create_or_open(specs.loads(text, "scale17.toml"), Path(d) / "c", load_data=True)
+        y_tr, y_te = c.labels["train_labels"], c.labels["test_labels"]
+        stored = specs.loads(text, "scale17.toml").train.store
+        for r in range(shards):
+            tr = np.where(rng.random(n_train) < 0.8, y_tr, (y_tr + 1) % 100)
+            te = np.where(rng.random(n_test) < 0.5, y_te, (y_te + 1) % 100)
+            values = {k: (rng.random(n_train).astype(np.float16).astype(np.float32),
+                          rng.random(n_test).astype(np.float16).astype(np.float32)) for k in stored}
+            meta = {"campaign": c.name, "spec_hash": c.spec.result_hash(), "run": r, "n_train": n_train,
+                    "n_test": n_test, "test_acc": float((te == y_te).mean())}
+            write_shard(c.paths.shard(r), build_table(c.plan.mask(r), tr, te, y_tr, y_te, 100, meta, values))
+        here = Aggregator(c, from_scratch=True)
+        with Clock() as clock:
+            for r in range(shards):
+                here.add(r, here.read(r))
+            here.flush()
+        out["driver"] = {"wall": clock.wall, "cpu": clock.cpu}
+        if actors:
+            ray.init(num_cpus=actors, include_dashboard=False, log_to_driver=False)
+            try:
+                spread = Aggregator(c, from_scratch=True)
+                t = time.perf_counter()
+                live = LiveFold(ray, c, spread, actors, print)
+                out["actor_start_seconds"] = time.perf_counter() - t
+                with Clock() as clock:
+                    for start in range(0, shards, 16):
+                        for r in range(start, min(shards, start + 16)):
+                            live.submit(r)
+                        for r, acc, error, _ in live.verified():
+                            assert not error, error
+                            live.add(r, Verified({"test_acc": acc}))
+                    for r, acc, error, _ in live.verified(wait=True):
+                        assert not error, error
+                        live.add(r, Verified({"test_acc": acc}))
+                    live.merge()
+                out["actors_fold"] = {"wall": clock.wall, "cpu": clock.cpu, "merge_wall": live.seconds["merge"]}
+                a, b = here.checkpoint_arrays(), spread.checkpoint_arrays()
+                out["equal"] = sorted(a) == sorted(b) and all(
+                    np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f") if not k.startswith("risk.")
+                    else np.allclose(a[k], b[k], rtol=1e-12) for k in a)
+                live.shutdown()
+            finally:
+                ray.shutdown()
+    return out
+
+
+def _fold_scores_where(sums, mask, x):
+    """estimators/privacy.py fold_scores before issue 17 (np.where per sum), for the side-by-side timing."""
+    out = ~mask
+    sums.count_in += mask.sum(axis=0)
+    sums.count_out += out.sum(axis=0)
+    sums.sum_in += np.where(mask, x, 0.0).sum(axis=0)
+    sums.sum_out += np.where(out, x, 0.0).sum(axis=0)
+    sums.sq_in += np.where(mask, x * x, 0.0).sum(axis=0)
+    sums.sq_out += np.where(out, x * x, 0.0).sum(axis=0)
+
+
+def fold_scores_rate(n_train: int, seed: int) -> None:
+    """CPU per run of the privacy-risk fold, old and new interleaved (best of 3), and of the statistic."""
+    from estimators import privacy as pv
+
+    rng = np.random.default_rng(seed)
+    print(f"privacy-risk fold at {n_train:,} training examples; load average {os.getloadavg()[0]:.1f}")
+    for b in (1, 256):
+        mask, x = rng.random((b, n_train)) < 0.7, rng.normal(size=(b, n_train))
+        new, old = pv.fold_scores(pv.zeros(n_train), mask, x), pv.zeros(n_train)
+        _fold_scores_where(old, mask, x)
+        same = all(np.array_equal(getattr(new, k), getattr(old, k)) for k in pv.ScoreSums.__dataclass_fields__)
+        best = {"np.where (before)": [], "mask products (now)": []}
+        for _ in range(3):
+            for name, f in (("np.where (before)", _fold_scores_where), ("mask products (now)", pv.fold_scores)):
+                sums, k = pv.zeros(n_train), max(2, 400 // b)
+                t = time.process_time()
+                for _ in range(k):
+                    f(sums, mask, x)
+                best[name].append((time.process_time() - t) / k / b)
+        print(f"  block of {b:3d} runs: " + ", ".join(f"{k} {1e3 * min(v):.2f} ms CPU a run" for k, v in best.items())
+              + f"; bit for bit the same: {same}")
+    p = rng.random(n_train).astype(np.float16)
+    t = time.process_time()
+    for _ in range(200):
+        pv.statistic_from_probability(p)
+    print(f"  the statistic (log-odds of a probability): {1e3 * (time.process_time() - t) / 200:.2f} ms CPU a run")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-train", type=int, default=50_000)
@@ -151,10 +277,18 @@ def main() -> None:
     ap.add_argument("--planted", type=int, default=200)
     ap.add_argument("--budget-gb", type=float, default=1.0, help="tile memory ([estimates] memory_gb / 2)")
     ap.add_argument("--shards", type=int, default=0, help="also time reading, verifying and folding real shards")
+    ap.add_argument("--fold-actors", type=int, default=0, help="with --shards: also time the live driver's fold "
+                    "with this many fold actors on a local Ray, side by side with the driver folding alone")
+    ap.add_argument("--store", default="[]", help="with --fold-actors: [train] store of the campaign whose shards "
+                    "are folded (e.g. '[\"probability\"]' adds the privacy-risk sums)")
+    ap.add_argument("--only-shards", action="store_true", help="skip the selection benchmark")
+    ap.add_argument("--fold-scores", action="store_true", help="with --only-shards: time the privacy-risk fold")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default="", help="directory to keep the plan in between runs (it takes minutes "
                     "at the ImageNet shape)")
     a = ap.parse_args()
+    if a.only_shards:
+        return shards_main(a)
     budget = a.budget_gb * 1e9
     n = a.slice or a.n_train
     scale = a.n_train / n
@@ -200,10 +334,29 @@ def main() -> None:
     print(f"  pairs >= 0.15: {len(top.pairs_train):,} (halves {len(top.half_pairs[0][0]):,}, "
           f"{len(top.half_pairs[1][0]):,}); planted influences recovered: {recovered} of {a.planted}")
     print(f"  peak memory {peak_mb():.0f} MB")
-    if a.shards:
+    shards_main(a)
+
+
+def shards_main(a) -> None:
+    if a.fold_scores:
+        fold_scores_rate(a.n_train, a.seed)
+    if a.shards and not a.fold_actors:
         r = shard_rate(a.n_train, a.n_test, a.shards, a.seed)
         print(f"  shards read + verified + folded: {r['shards']} in {r['wall']:.2f} s wall, {r['cpu']:.2f} s CPU = "
               f"{r['shards'] / r['wall']:.0f} shards/s wall, {r['shards'] / r['cpu']:.0f} per CPU second")
+    if a.shards and a.fold_actors:
+        load = os.getloadavg()[0]
+        r = driver_rate(a.n_train, a.n_test, a.shards, a.fold_actors, a.seed, a.store)
+        print(f"live driver's fold, {a.shards} shards of {a.n_train + a.n_test:,} rows, [train] store = {a.store}, "
+              f"top-k mode; load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, "
+              f"{os.cpu_count()} CPUs")
+        print(f"  {'':32s} {'wall s':>7s} {'driver CPU s':>12s} {'shards/s wall':>13s} {'per driver CPU s':>16s} "
+              f"{'driver CPU ms/shard':>19s}")
+        for name, t in (("driver folds alone", r["driver"]), (f"{a.fold_actors} fold actors", r["actors_fold"])):
+            print(f"  {name:32s} {t['wall']:7.2f} {t['cpu']:12.3f} {a.shards / t['wall']:13.0f} "
+                  f"{a.shards / t['cpu']:16.0f} {1e3 * t['cpu'] / a.shards:19.2f}")
+        print(f"  fold actors: started in {r['actor_start_seconds']:.1f} s (not counted), final merge "
+              f"{r['actors_fold']['merge_wall']:.2f} s wall; folds equal: {r['equal']}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 
 from estimators.estimates import error_bound, jaccard
+from estimators.proxies import levels
 
 # --- the precision of memorization estimates, and the runs it needs -------------------------------
 
@@ -162,23 +163,41 @@ def influence_bytes(mode: str, n_train: int, n_test: int, targets: int, same_cla
     return 0
 
 
-def checkpoint_bytes(mode: str, n_train: int, n_test: int, runs: int, soft: int, per_example: int) -> int:
+RUN_RECORD_BYTES = 4 * 8 + 1  # per planned run: test_acc, train_acc_in/out, train_seconds (float64), folded (bool)
+DYNAMICS_CELL_BYTES = 3 * 4 + 2  # training-dynamics sums per example and agreement level: 3 float32 + 1 uint16
+
+
+def dynamics_bytes(n_train: int, main_runs: int) -> int:
+    """The training-dynamics sums in the checkpoint: n_train x (agreement levels + 1) cells
+    (estimators/proxies.py Dynamics), the levels 1, 2, 4, ... up to the main ratio's runs."""
+    return n_train * (len(levels(main_runs)) + 1) * DYNAMICS_CELL_BYTES
+
+
+def checkpoint_bytes(mode: str, n_train: int, n_test: int, runs: int, soft: int, per_example: int,
+                     main_runs: int | None = None) -> int:
     """state/fold.npz: dense sums M^T X (float32; soft targets also their squares) when influence is dense,
-    every run's test outcomes (bit-packed 0/1, float16 soft values), and per-example sums."""
+    every planned run's test outcomes (bit-packed 0/1, float16 soft values) and its record (RUN_RECORD_BYTES),
+    the training-dynamics sums (their size grows with log2 of the main ratio's runs), and the other
+    per-example sums (`per_example`). `longtail plan` states the exact size instead (the checkpoint of an
+    empty fold of the campaign has the size of a full one: orchestrator/fold.py fixed_sizes); this model
+    keeps its per-run and per-level growth (tests/test_precision.py checks it against fixed_sizes)."""
     dense = dense_matrix_bytes(n_train, n_test) * (1 + 2 * soft) if mode == "dense" else 0
-    return dense + runs * ((n_test + 7) // 8 + 2 * n_test * soft) + per_example
+    per_run = (n_test + 7) // 8 + 2 * n_test * soft + RUN_RECORD_BYTES
+    return dense + runs * per_run + dynamics_bytes(n_train, runs if main_runs is None else main_runs) + per_example
 
 
 def storage_bytes(mode: str, n_train: int, n_test: int, runs: int, soft: int, top_k: int, same_class_cells: int,
-                  per_shard: float, examples: int, memorization: int, fold_per_example: int) -> dict[str, float]:
+                  per_shard: float, examples: int, memorization: int, fold_per_example: int,
+                  checkpoint: int | None = None) -> dict[str, float]:
     """A campaign's directory, part by part: shards, plan/, estimates/ and state/fold.npz, and their total.
     `per_shard`, `examples`, `memorization` and `fold_per_example` are what a pilot measured (or
-    `shard_bytes` before one)."""
+    `shard_bytes` before one); `checkpoint`, where given, is the checkpoint's exact size (fixed_sizes)."""
     parts = {
         "shards": per_shard * runs,
         "plan": plan_bytes(runs, n_train, examples),
         "estimates": influence_bytes(mode, n_train, n_test, 1 + soft, same_class_cells, top_k) + memorization,
-        "checkpoint": checkpoint_bytes(mode, n_train, n_test, runs, soft, fold_per_example),
+        "checkpoint": (checkpoint if checkpoint is not None
+                       else checkpoint_bytes(mode, n_train, n_test, runs, soft, fold_per_example)),
     }
     parts["total"] = sum(parts.values())
     return parts

@@ -110,13 +110,22 @@ def fold_scores(sums: ScoreSums, mask: np.ndarray, scores: np.ndarray, sign: flo
                          f"{mask.shape} and {x.shape}")
     if not np.isfinite(x).all():
         raise ValueError("fold_scores: the statistic has NaN or infinite values")
-    out = ~mask
-    sums.count_in += sign * mask.sum(axis=0)
-    sums.count_out += sign * out.sum(axis=0)
-    sums.sum_in += sign * np.where(mask, x, 0.0).sum(axis=0)
-    sums.sum_out += sign * np.where(out, x, 0.0).sum(axis=0)
-    sums.sq_in += sign * np.where(mask, x * x, 0.0).sum(axis=0)
-    sums.sq_out += sign * np.where(out, x * x, 0.0).sum(axis=0)
+    # products with the 0/1 mask instead of np.where, "out" as the whole minus "in", and one scratch
+    # block reused: the same numbers bit for bit (x * 1 = x, x * 0 = 0, x - x = 0 on a finite statistic;
+    # each sum adds the same values in the same order), and less CPU (docs/performance.md, issue 17)
+    m = mask.astype(np.float64)
+    count_in = mask.sum(axis=0)
+    sums.count_in += sign * count_in
+    sums.count_out += sign * (mask.shape[0] - count_in)
+    buf = np.multiply(x, m)
+    sums.sum_in += sign * buf.sum(axis=0)
+    np.subtract(x, buf, out=buf)
+    sums.sum_out += sign * buf.sum(axis=0)
+    sq = np.multiply(x, x)
+    np.multiply(sq, m, out=buf)
+    sums.sq_in += sign * buf.sum(axis=0)
+    np.subtract(sq, buf, out=sq)
+    sums.sq_out += sign * sq.sum(axis=0)
     return sums
 
 

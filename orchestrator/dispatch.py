@@ -161,8 +161,10 @@ class Dispatcher:
                 self._fill()
                 if not self.in_flight and not ex.live():
                     raise self.work.error(self.work.no_worker)
+                # every call that has ended (not one per loop): the per-loop work below is then paid once
                 for handle in ex.finished(list(self.in_flight), timeout=1.0) if self.in_flight else []:
                     self._take(handle)
+                    self._check_budget()
                 self._check_budget()
                 if progress is not None:
                     progress.update(self.work.finished(), len(self.failed), self.running(), retried=self.retried)
@@ -223,6 +225,11 @@ class Dispatcher:
         slot.load -= 1
         slot.isolated = False
         results = self.executor.results(handle, [job.call[0] for job in group])
+        if results is not None and not any(r.failed for r in results):
+            # its worker is alive and every run trained: give it its next call before this call's runs are
+            # verified and folded (milliseconds each), so that it never waits for the driver. After a death
+            # or a failure nothing is dispatched until the runs are handled (retries, budget) as before.
+            self._fill()
         for job, result in zip(group, results if results is not None else [None] * len(group)):
             if result is None:
                 self._worker_died(slot, job)

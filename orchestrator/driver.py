@@ -237,7 +237,9 @@ def train(campaign: Campaign, executor, agg: Aggregator, todo: list[int], done: 
     first_dispatch = time.monotonic()
     try:
         dispatcher.run(runs.bar_for(len(done)))
+        runs.finish(dispatcher)
     finally:
+        runs.close()
         report.retried = dispatcher.retried
     report.training_seconds = time.monotonic() - first_dispatch
 
@@ -276,6 +278,13 @@ class CampaignRuns(Work):
             self.metrics = None
         self.share = None
         self.last_checkpoint = time.monotonic()
+        self.live = None  # [resources] fold_actors: the fold spread over actors (orchestrator/foldpool.py)
+        if campaign.spec.resources.fold_actors:
+            from orchestrator.foldpool import start_live_fold
+
+            self.live = start_live_fold(campaign, agg, campaign.spec.resources.fold_actors, _say)
+            if self.live is not None:
+                gate.agg = self.live  # what the gate folds goes to the actors; agg gets their sums at each merge
 
     def bar_for(self, done: int) -> Progress:
         self.bar = Progress(total=self.c.plan.runs, done=done, enabled=self.show_progress, campaign=self.c.name)
@@ -300,30 +309,71 @@ class CampaignRuns(Work):
         run = job.key
         if result.shard is not None:  # a worker that cannot see the campaign directory sent the shard's bytes
             atomic_write_bytes(self.c.paths.shard(run), result.shard)
+        if self.live is not None:  # a fold actor verifies it; its verdict comes back in tick
+            self.live.submit(run, (job, result.host))
+            return None
         try:
             data = self.agg.read(run)
         except ShardError as e:
             reject_shard(self.c, run, str(e), _say)
             self.report.rejected.append(run)
             return f"its shard failed verification: {e}"
+        self._offer(run, data, result.host)
+        return None
+
+    def _offer(self, run: int, data, host: str) -> None:
         self.report.trained += 1
         # the runs refused now: this one, or runs held earlier that its arrival let the gate judge
-        refused = self.gate.offer(run, data, self.report, host=result.host)
+        refused = self.gate.offer(run, data, self.report, host=host)
         if run in refused:
             self.report.trained -= 1
         else:
             self.done.add(run)
         self.done -= refused
-        return None
+        for r in refused if self.live is not None else ():
+            self.live.drop(r)
+
+    def _verified(self, dispatcher: Dispatcher, wait: bool = False) -> None:
+        """The fold actors' verdicts on the shards handed to them: into the gate, or failed as in accept."""
+        from orchestrator.foldpool import Verified
+
+        for run, acc, error, (job, host) in self.live.verified(wait):
+            if error:
+                reject_shard(self.c, run, error, _say)
+                self.report.rejected.append(run)
+                dispatcher.fail(job, f"its shard failed verification: {error}", host=host)
+            else:
+                self._offer(run, Verified({"test_acc": acc}), host)
+
+    def finish(self, dispatcher: Dispatcher) -> None:
+        """Every run is back: take the actors' last verdicts, release what the gate holds, merge."""
+        if self.live is not None:
+            self._verified(dispatcher, wait=True)
+            self.gate.release_all()
+            self.live.merge()
+
+    def close(self) -> None:
+        """Stop the fold actors; their unmerged runs are refolded from the shards by the next driver."""
+        if self.live is not None:
+            from orchestrator.foldpool import Verified
+
+            self.live.shutdown()
+            self.gate.agg = self.agg
+            self.gate.held = [h for h in self.gate.held if not isinstance(h[1], Verified)]
+            self.live = None
 
     def tick(self, dispatcher: Dispatcher) -> None:
         report = self.report
+        if self.live is not None:
+            self._verified(dispatcher)
         if self.metrics is not None:
             self.metrics.update(report.trained, len(report.failed_now), dispatcher.retried, dispatcher.running(),
                                 self.bar.rate() if self.bar is not None else 0.0, len(self.done) / self.c.plan.runs,
                                 self.share)
         now = time.monotonic()
         if now - self.last_checkpoint >= self.c.spec.estimates.checkpoint_seconds:
+            if self.live is not None:
+                self.live.merge()
             self.agg.save_checkpoint()
             write_estimates(self.agg, complete=False, final=False)
             self.last_checkpoint = now

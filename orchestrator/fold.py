@@ -238,6 +238,73 @@ class Aggregator:
         if rows:
             pv.fold_scores(self.risk, np.stack([m for m, _ in rows]), np.stack([x for _, x in rows]))
 
+    # --- fold actors (orchestrator/foldpool.py) -----------------------------------------------------
+
+    def partial(self) -> dict:
+        """Everything this fold holds, for the driver's Aggregator of the same campaign to `merge`: a fold
+        actor's share of the runs. The sums are additive, so merging shares gives the fold of their union
+        (exactly for 0/1 targets, which are integer counts; to float rounding for soft targets, the
+        privacy-risk sums and the proxies, which are then added in another order)."""
+        self.flush()
+        runs = np.flatnonzero(self.folded)
+        oos = self.proxies.oos
+        return {"runs": runs, "groups": [s.arrays() for s in self.groups],
+                "halves": [s.arrays() for s in self.halves], "risk": self.risk.arrays(""),
+                "test_bits": self.test_bits[runs], "test_soft": {k: v[runs] for k, v in self.test_soft.items()},
+                "run_info": {k: v[runs] for k, v in self.run_info.items()},
+                "dynamics": self.proxies.dynamics.arrays(),
+                "oos": oos.arrays() if oos.dense else None,
+                "oos_rows": oos.rows if isinstance(oos, DeferredCounts) else []}
+
+    def defer_summary_counts(self) -> None:
+        """In a fold actor: keep each run's out-of-subset predictions instead of counting them, when they
+        are counted by a Misra-Gries summary, whose content depends on the order of the runs and which
+        two actors therefore cannot merge; the driver counts them when it merges this share."""
+        if not self.proxies.oos.dense:
+            self.proxies.oos = DeferredCounts()
+
+    def merge(self, part: dict) -> int:
+        """Add a fold actor's `partial()` (runs this fold does not hold); returns how many runs it added."""
+        runs = np.asarray(part["runs"], np.int64)
+        known = [int(r) for r in runs if self.is_known(int(r))]
+        if known:  # never merge a run twice: the statistics could not take it out again
+            raise CampaignError(f"a fold actor sent runs {known[:5]} that the driver's fold already holds, expected "
+                                f"runs folded nowhere else; nothing of that share was merged. Their shards are on "
+                                f"disk: `longtail resume {self.c.paths.root}` refolds what the checkpoint lacks")
+        if not len(runs):
+            return 0
+        dyn, theirs = self.proxies.dynamics, part["dynamics"]
+        if list(theirs["levels"]) != list(dyn.levels):
+            raise CampaignError(f"a fold actor's proxy sums have levels {list(theirs['levels'])}, expected "
+                                f"{list(dyn.levels)} (the plan changed under it); nothing of that share was merged")
+        stats = [st.Stats.from_arrays(a) for a in part["groups"] + part["halves"]]
+        for mine, other in zip(self.groups + self.halves, stats):
+            if set(mine.targets) != set(other.targets) or mine.n_in.shape != other.n_in.shape:
+                raise CampaignError(f"a fold actor's sums have targets {sorted(other.targets)} over "
+                                    f"{other.n_train} training examples, expected {sorted(mine.targets)} over "
+                                    f"{mine.n_train}; nothing of that share was merged")
+        for mine, other in zip(self.groups + self.halves, stats):
+            _add_stats(mine, other)
+        for name, v in part["risk"].items():
+            getattr(self.risk, name)[...] += v
+        self.test_bits[runs] = part["test_bits"]
+        for name in self.soft:
+            self.test_soft[name][runs] = part["test_soft"][name]
+        for name in RUN_FIELDS:
+            self.run_info[name][runs] = part["run_info"][name]
+        dyn.sums += theirs["sums"]
+        dyn.counts += theirs["counts"]
+        dyn.folded += int(theirs["folded"])
+        dyn.epochs = max(dyn.epochs, int(theirs["epochs"]))
+        oos = self.proxies.oos
+        if part["oos"] is not None:
+            oos.total += part["oos"]["total"]
+            oos.counts += part["oos"]["counts"]
+        for out, pred in part["oos_rows"]:
+            oos.add(np.unpackbits(out, count=self.c.n_train).astype(bool), pred)
+        self.folded[runs] = True
+        return len(runs)
+
     # --- what estimates are computed from ---------------------------------------------------------
 
     def main_runs(self, half: int | None = None) -> np.ndarray:
@@ -269,6 +336,33 @@ class Aggregator:
         self.flush()
         m = est.memorization(self.stats)
         return est.share_at_target((m.ci_high - m.ci_low) / (2 * est.Z95), target)
+
+
+class DeferredCounts:
+    """Stands in for a Misra-Gries `OutOfSubset` in a fold actor (Aggregator.defer_summary_counts): keeps
+    each run's out-of-subset predictions, packed, for the driver to count in its own summary."""
+
+    dense = False
+
+    def __init__(self):
+        self.rows: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def add(self, out_of_subset: np.ndarray, pred: np.ndarray) -> None:
+        self.rows.append((np.packbits(np.asarray(out_of_subset, bool)), np.array(pred)))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        raise CampaignError("a fold actor's deferred out-of-subset counts are merged, never checkpointed")
+
+
+def _add_stats(into: st.Stats, other: st.Stats) -> None:
+    """into += other, in place (both of one campaign: the same shapes and targets, checked by merge)."""
+    into.runs += other.runs
+    into.n_in += other.n_in
+    for name, sums in into.targets.items():
+        theirs = other.targets[name]
+        for k, v in sums.__dict__.items():
+            if isinstance(v, np.ndarray):
+                v += getattr(theirs, k)
 
 
 def fixed_sizes(spec: specs.Spec, data: Dataset) -> dict[str, int]:

@@ -102,7 +102,9 @@ class WorkerPool:
         """How many workers the cluster's current resources hold ([resources] workers, or as many as fit)."""
         res = self.res
         total = self.ray.cluster_resources()
-        fit = int(total.get("CPU", 0) // res.cpus_per_worker) if res.cpus_per_worker else 1
+        # the live fold's actors ([resources] fold_actors) hold one CPU each, not available to workers
+        cpus = total.get("CPU", 0) - res.fold_actors
+        fit = int(max(cpus, 0) // res.cpus_per_worker) if res.cpus_per_worker else 1
         if res.gpus_per_worker:
             gpus = total.get("GPU", 0)
             if gpus == 0:
@@ -114,7 +116,9 @@ class WorkerPool:
         if fit == 0:
             raise CampaignError(f"the cluster ({total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs) cannot fit "
                                 f"one run of {res.devices_per_run} x ({res.cpus_per_worker:g} CPUs, "
-                                f"{res.gpus_per_worker:g} GPUs); lower [resources]")
+                                f"{res.gpus_per_worker:g} GPUs)"
+                                + (f" beside its {res.fold_actors} fold actors" if res.fold_actors else "")
+                                + "; lower [resources]")
         return res.workers or fit
 
     def live(self) -> list[Slot]:
@@ -144,7 +148,10 @@ class WorkerPool:
         return slot.actor.run_many.options(name=name).remote(calls)
 
     def finished(self, handles: list, timeout: float) -> list:
-        done, _ = self.ray.wait(handles, num_returns=1, timeout=timeout)
+        """Every call that has ended now; if none has, wait (at most `timeout`) for the first."""
+        done, _ = self.ray.wait(handles, num_returns=len(handles), timeout=0)
+        if not done:
+            done, _ = self.ray.wait(handles, num_returns=1, timeout=timeout)
         return done
 
     def results(self, handle, runs: list[int]) -> list[WorkerResult | RunFailure] | None:

@@ -119,6 +119,10 @@ class ResourcesSection:
                               "'auto' or 'driver'", affects_results=False)
     local_cpus: int = option(0, "CPUs of the embedded local Ray (ignored with --address); 0 = all of this machine",
                              _nonnegative, "an integer >= 0", affects_results=False)
+    fold_actors: int = option(0, "fold actors on the cluster (one CPU each) that read, verify and fold the "
+                              "campaign's shards as they arrive, merged into the driver's fold at every "
+                              "checkpoint; 0 = the driver folds every shard itself", _nonnegative,
+                              "an integer >= 0", affects_results=False)
 
 
 INFLUENCE_MODES = ("auto", "dense", "per-class", "topk", "none")

@@ -206,3 +206,57 @@ def test_fractional_gpus_pack_workers(cluster, tmp_path):
     assert "60 runs to train on 2 workers" in r.stderr, r.stderr
     metas = [json.loads(pq.read_schema(f).metadata[b"longtail"]) for f in (tmp_path / "c" / "runs").glob("*")]
     assert len(metas) == 60 and len({m["node"] for m in metas}) == 1 and len({m["pid"] for m in metas}) == 2
+
+
+def test_submit_without_out_and_follow_its_log(cluster, tmp_path):
+    """`longtail submit SPEC` without --out puts the campaign in ~/longtail-campaigns/<name> on the head (the
+    head's HOME is the fixture's, inside its temporary directory), and `longtail logs ID --follow` streams
+    the running job's log as it is written and returns, exit 0, when the job ends."""
+    import threading
+
+    name = "athome"
+    spec = SPEC.replace('name = "onhead"', f'name = "{name}"').replace("runs = 60", "runs = 24")
+    (tmp_path / "s.toml").write_text(spec)
+    assert not (Path.home() / "longtail-campaigns" / name).exists()
+    r = longtail(cluster, "submit", tmp_path / "s.toml", "--address", cluster["api"],
+                 "--module", ROOT / "examples" / "plugins.py")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"campaign directory on the cluster: ~/longtail-campaigns/{name}" in r.stdout, r.stdout
+    job = r.stdout.split("as job ")[1].split()[0]
+
+    env = dict(cluster["env"])
+    env.pop("RAY_AUTH_MODE")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT / "examples")])
+    follow = subprocess.Popen([str(BIN / "longtail"), "logs", job, "--address", cluster["api"], "--follow"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT / "tests")
+    lines = []  # (seconds, line) as the follower prints them
+
+    def read():
+        for line in follow.stdout:
+            lines.append((time.monotonic(), line))
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        root = cluster["home"] / "longtail-campaigns" / name
+        # streamed: the driver's first lines arrive while the job is still running, before its last shard
+        wait_for(lambda: any("runs to train" in line for _, line in lines), timeout=120, every=0.1)
+        status = json.loads(rest(cluster, f"/api/jobs/{job}"))["status"]
+        shards = len(list((root / "runs").glob("*.parquet"))) if (root / "runs").exists() else 0
+        assert status == "RUNNING" and shards < 24, (status, shards)
+        # ... and the follower ends by itself when the job does
+        assert follow.wait(timeout=120) == 0, follow.stderr.read()
+        reader.join(timeout=10)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+    info = json.loads(rest(cluster, f"/api/jobs/{job}"))
+    assert info["status"] == "SUCCEEDED", info
+    followed = "".join(line for _, line in lines)
+    whole = longtail(cluster, "logs", job, "--address", cluster["api"]).stdout
+    assert followed.strip() and whole.strip().endswith(followed.strip().splitlines()[-1]), (followed, whole)
+    assert "24 runs" in followed, followed
+    # the campaign is on the head's home, complete
+    with np.load(root / "state" / "fold.npz") as z:
+        assert z["folded"].sum() == 24
+    assert len(list((root / "runs").glob("*.parquet"))) == 24
+    assert not (Path.home() / "longtail-campaigns" / name).exists()

@@ -34,12 +34,16 @@ def digits():
     return d, DeviceData.from_dataset(d, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("flush", [Recorder.FLUSH_ELEMENTS, 1])
-def test_recorder_counts_a_hand_built_trajectory(flush, monkeypatch):
+@pytest.mark.parametrize("flush, slot_bytes", [(Recorder.FLUSH_ELEMENTS, Recorder.SLOT_BYTES),
+                                               (1, Recorder.SLOT_BYTES), (Recorder.FLUSH_ELEMENTS, 1), (20, Recorder.SLOT_BYTES)])
+def test_recorder_counts_a_hand_built_trajectory(flush, slot_bytes, monkeypatch):
     """Logits built so that each example's batch correctness follows a known trajectory: the recorder's
-    learning time, forgetting events and cumulative loss equal the pure definitions', whether epochs
-    are processed together (small runs) or each epoch in parts as it goes (flush = 1: large epochs)."""
+    learning time, forgetting events and cumulative loss equal the pure definitions', whether the batches
+    are scored together at the end (small runs), each as it comes (flush = 1: large batches) or in groups
+    spanning an epoch boundary (flush = 20), and whether all epochs are folded together or each as it
+    ends (slot_bytes = 1: large datasets)."""
     monkeypatch.setattr(Recorder, "FLUSH_ELEMENTS", flush)
+    monkeypatch.setattr(Recorder, "SLOT_BYTES", slot_bytes)
     correct = np.array([[0, 1, 1, 0, 1],  # epoch 0 (examples 0..4)
                         [1, 1, 0, 0, 1],
                         [1, 0, 1, 0, 0],

@@ -4,14 +4,16 @@ A short pilot campaign (the spec with `runs = --pilot`, same dataset, recipe and
 temporary directory that is deleted afterwards) runs on the target cluster (the embedded local Ray,
 or --address). From it:
 
-    seconds per run   pilot training wall time x workers it used / runs it trained (one worker's
-                      time per run, at the pilot's packing)
+    seconds per run   one warm worker's time per run: from each pilot worker with two calls or more, its
+                      runs after the first call over their time (steady_timing); a pilot too short for
+                      that falls back to training wall time x workers it used / runs it trained
     throughput        workers the cluster fits / seconds per run
-    wall time         planned runs / throughput + the pilot's start-up (Ray, workers, final estimates)
+    wall time         planned runs / throughput + the first call's warm-up + the pilot's start-up (Ray,
+                      workers, final estimates)
     compute           wall x workers x gpus_per_worker GPU-hours (or x cpus_per_worker CPU core-hours)
     storage           pilot bytes per shard x planned runs + plan + estimates (+ dense influence,
                       2 x 4 x n_train x n_test bytes per target when the influence mode is dense) +
-                      the fold checkpoint
+                      the fold checkpoint (its exact size: orchestrator/fold.py fixed_sizes)
     precision         the paper's bound (estimators.estimates.error_bound) at the planned runs, and the
                       expected plug-in standard error of every memorization estimate,
                       se_i(t) = sqrt(p_in(1 - p_in) / (q t) + p_out(1 - p_out) / ((1 - q) t)),
@@ -62,6 +64,38 @@ def seconds_per_run(training_seconds: float, workers_used: int, trained: int) ->
     return training_seconds * max(1, workers_used) / trained
 
 
+def steady_timing(finished: dict, first_dispatch: float, pack: int, workers: int | None = None) -> dict:
+    """The pilot's pace once its workers are warm, from when each shard was finished (`finished`: worker ->
+    its shards' finish times, seconds on the clock of `first_dispatch`, the pilot's first call).
+
+    A worker's first call carries its one-off costs (the first forward and backward pass allocates and
+    warms up, the first shard write imports its writer), and the workers do not all start at once (the
+    first call goes out when the first worker is ready; the others are still importing torch and loading
+    the data). Seconds per run over a pilot of a few calls (training seconds x workers / runs) carries
+    both and overstated a long campaign's by up to 3x. Measured instead:
+    - per worker with at least two calls, its runs after the first call over the time from the end of its
+      first call to its last shard (calls 2..n exactly): one warm worker's runs/s (the median over them);
+    - each worker's first call's end; a worker of the `workers` the campaign will have that finished no call
+      in the pilot counts as ending it at the pilot's last shard (a lower bound: it was not ready sooner).
+    The campaign's training time is then mean(first call ends) + (runs - workers x pack) / (workers x rate):
+    every worker trains at the warm rate once its first call is done. `warmup_seconds` is what that adds
+    to runs / (workers x rate). Returns {"runs_per_second_per_worker", "warmup_seconds", "workers_timed",
+    "first_call_seconds"}; the rate is None when no worker finished two calls."""
+    rates, firsts = [], []
+    for times in finished.values():
+        ts = sorted(times)
+        k = min(pack, len(ts))
+        firsts.append(ts[k - 1] - first_dispatch)
+        if len(ts) > k and ts[-1] > ts[k - 1]:
+            rates.append((len(ts) - k) / (ts[-1] - ts[k - 1]))
+    last = max((t for ts in finished.values() for t in ts), default=first_dispatch) - first_dispatch
+    firsts += [last] * max(0, (workers or len(firsts)) - len(firsts))
+    rate = float(np.median(rates)) if rates else None
+    warm = max(0.0, float(np.mean(firsts)) - pack / rate) if rate and firsts else 0.0
+    return {"runs_per_second_per_worker": rate, "warmup_seconds": warm, "workers_timed": len(rates),
+            "first_call_seconds": [round(f, 3) for f in sorted(firsts)]}
+
+
 def recommended_pilot(workers: int, pack: int) -> int:
     """A pilot that keeps every worker busy for two full calls, as the campaign will: a smaller one
     measures one worker alone, without the contention between workers (shared cores, memory bandwidth,
@@ -108,7 +142,7 @@ def measure_pilot(spec: specs.Spec, pilot: int, address: str | None, progress: b
 
     from orchestrator.estimates_files import read_memorization
 
-    from orchestrator.fold import influence_mode
+    from orchestrator.fold import fixed_sizes, influence_mode
     from orchestrator.campaign import create_or_open
     from cluster.connect import ray_init
     from orchestrator.driver import CampaignInterrupted, run_campaign
@@ -151,6 +185,12 @@ def measure_pilot(spec: specs.Spec, pilot: int, address: str | None, progress: b
                              f"failure: {first or next(iter(reasons), 'unknown')}. Fix the cause (check the spec with "
                              f"`longtail validate {spec_source or 'SPEC'}`), then plan again")
         metas = [read_meta(p) for p in shards]
+        finished: dict = {}
+        for meta in metas:
+            finished.setdefault((meta.get("host"), meta.get("pid")), []).append(float(meta["finished_at"]))
+        last = max(t for ts in finished.values() for t in ts)
+        # the workers' clocks against the pilot's: its first dispatch was training_seconds before its last result
+        timing = steady_timing(finished, last - report.training_seconds, runs_per_call(pspec), workers)
         mem = read_memorization(paths, ["acc_in", "acc_out"])
         acc_in = mem.column("acc_in").to_numpy(zero_copy_only=False).astype(np.float64)
         acc_out = mem.column("acc_out").to_numpy(zero_copy_only=False).astype(np.float64)
@@ -168,6 +208,9 @@ def measure_pilot(spec: specs.Spec, pilot: int, address: str | None, progress: b
             "examples_bytes": paths.examples.stat().st_size,
             "memorization_bytes": paths.memorization.stat().st_size,
             "fold_bytes": paths.checkpoint.stat().st_size if paths.checkpoint.exists() else 0,
+            **timing,
+            # the campaign's own checkpoint, exactly: an empty fold of `spec` has the size of a full one
+            "checkpoint_bytes": fixed_sizes(spec, campaign.dataset)["checkpoint"],
         }
         shape = SimpleNamespace(spec=spec, n_train=campaign.n_train, n_test=campaign.n_test)
         labels = campaign.labels
@@ -204,14 +247,18 @@ def build_plan(spec: specs.Spec, m: dict, workers: int, cluster: dict, mode: str
     ratio = spec.primary_ratio
     main = main_ratio_runs(runs, c.design, k, c.ratios.index(ratio))
     pack = runs_per_call(spec)  # as the driver packs
-    sec = seconds_per_run(m["training_seconds"], m["workers_used"], m["trained"])
+    steady = m.get("runs_per_second_per_worker")
+    sec = 1.0 / steady if steady else seconds_per_run(m["training_seconds"], m["workers_used"], m["trained"])
     rate = workers / sec
-    wall = wall_seconds(runs, rate, m["startup_seconds"])
+    warmup = m.get("warmup_seconds", 0.0) if steady else 0.0
+    training = runs / rate + warmup
+    wall = wall_seconds(runs, rate, m["startup_seconds"]) + warmup
     gpu = res.gpus_per_worker > 0
     hours = compute_hours(wall, workers, res.gpus_per_worker if gpu else res.cpus_per_worker)
     storage = storage_bytes(mode, n_train, n_test, runs, len(e.soft), e.top_k, same_class_cells,
                             per_shard=m["bytes_per_shard"], examples=m["examples_bytes"],
-                            memorization=m["memorization_bytes"], fold_per_example=m["fold_bytes"])
+                            memorization=m["memorization_bytes"], fold_per_example=m["fold_bytes"],
+                            checkpoint=m.get("checkpoint_bytes"))
     share = in_share(c.design, ratio)
     ok = np.isfinite(acc_in) & np.isfinite(acc_out)  # examples the pilot saw both in and out
     v = variance_per_run(acc_in[ok], acc_out[ok], share)
@@ -237,7 +284,7 @@ def build_plan(spec: specs.Spec, m: dict, workers: int, cluster: dict, mode: str
                     "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker},
         "pack": pack, "recommended_pilot": recommended_pilot(workers, pack),
         "seconds_per_run": sec, "runs_per_second": rate, "wall_seconds": wall,
-        "training_seconds": runs / rate, "startup_seconds": m["startup_seconds"],
+        "training_seconds": training, "warmup_seconds": warmup, "startup_seconds": m["startup_seconds"],
         "gpu_hours" if gpu else "cpu_core_hours": hours,
         "storage_bytes": storage,
         "error_bound_rms": error_bound(main, ratio),
@@ -274,12 +321,13 @@ def format_plan(p: dict) -> str:
     hours = (f"{p['gpu_hours']:.3g} GPU-hours" if "gpu_hours" in p else f"{p['cpu_core_hours']:.3g} CPU core-hours")
     se = p["expected_se"]
     rows = [
-        ("seconds per run", f"{p['seconds_per_run']:.3g} s on one worker (training loop alone "
-                            f"{pl['train_seconds_mean']:.3g} s)"),
+        ("seconds per run", f"{p['seconds_per_run']:.3g} s on one worker"
+                            + (" once warm" if pl.get("runs_per_second_per_worker") else "")
+                            + f" (training loop alone {pl['train_seconds_mean']:.3g} s)"),
         ("workers", f"{cl['workers']} ({res} each), as the cluster fits them"),
         ("throughput", f"{p['runs_per_second']:.3g} runs/s"),
         ("wall time", f"{format_seconds(p['wall_seconds'])} = {p['runs']} runs / {p['runs_per_second']:.3g} runs/s "
-                      f"+ {p['startup_seconds']:.1f} s start-up"),
+                      f"+ {p['warmup_seconds']:.1f} s warm-up + {p['startup_seconds']:.1f} s start-up"),
         ("compute", hours),
         ("storage", f"{format_bytes(st['total'])}: shards {format_bytes(st['shards'])} "
                     f"({format_bytes(pl['bytes_per_shard'])} x {p['runs']}), plan {format_bytes(st['plan'])}, "
