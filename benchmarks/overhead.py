@@ -46,14 +46,15 @@ trainer = "bench_plugins:{trainer}"
 [resources]
 pack = {pack}
 [estimates]
-checkpoint_seconds = 5
+checkpoint_seconds = {checkpoint}
 influence = "none"
 split_half = false
 """
 
 
-def campaign(root: str, name: str, runs: int, trainer: str, pack: int):
-    spec = specs.loads(SPEC.format(name=name, runs=runs, trainer=trainer, pack=pack), "bench.toml")
+def campaign(root: str, name: str, runs: int, trainer: str, pack: int, checkpoint: float = 30.0):
+    spec = specs.loads(SPEC.format(name=name, runs=runs, trainer=trainer, pack=pack, checkpoint=checkpoint),
+                       "bench.toml")
     c = create_or_open(spec, f"{root}/{name}")
     t0 = time.perf_counter()
     report = run_campaign(c, progress=False)
@@ -129,6 +130,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--trivial", type=int, default=2000)
+    ap.add_argument("--checkpoint-seconds", type=float, default=30.0,
+                    help="[estimates] checkpoint_seconds of the CPU-bound campaign (30 is the default)")
     a = ap.parse_args()
     import ray
 
@@ -137,7 +140,7 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="lt-overhead-")
     try:
         cpu0, ray0 = time.process_time(), ray_cpu()
-        c, report, whole = campaign(root, "second", a.runs, "one_cpu_second", 1)
+        c, report, whole = campaign(root, "second", a.runs, "one_cpu_second", 1, a.checkpoint_seconds)
         driver_cpu, ray_daemons = time.process_time() - cpu0, ray_cpu() - ray0
         runs = timeline(c, a.runs)
         measured = sum(r["train"] for r in runs)
@@ -147,7 +150,8 @@ def main() -> None:
         print(f"  (the runs' measured wall times sum to {measured:.1f} s for {own:.0f} s of CPU)")
         wall = report.training_seconds
         overhead = (wall * workers - own) / own
-        print(f"orchestration overhead, {a.runs} CPU-bound runs of 1 s on {workers} workers")
+        print(f"orchestration overhead, {a.runs} CPU-bound runs of 1 s on {workers} workers, checkpoint every "
+              f"{a.checkpoint_seconds:g} s")
         print(f"  sum of the runs' own times {own:.1f} s; first dispatch to last result {wall:.2f} s; whole call "
               f"{whole:.1f} s")
         print(f"  overhead (wall x workers - own) / own = {overhead:.1%} (goal <= 5%)")
