@@ -330,7 +330,13 @@ def test_submitted_campaign_on_the_dashboard(sandbox, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     sid = re.search(r"as job (\S+)", r.stdout).group(1)
     assert f"sign in with the token in {token}" in r.stdout  # submit prints the dashboard's address
-    wait_for("the job's driver", lambda: (out / "plan").exists(), 120)
+    try:
+        wait_for("the job's driver", lambda: (out / "plan").exists(), 120)
+    except AssertionError as e:  # seen once in a full-suite run at load 2: say what the job was doing
+        st = sandbox.longtail("status", sid, "--address", url, timeout=60)
+        lg = sandbox.longtail("logs", sid, "--address", url, timeout=60)
+        raise AssertionError(f"{e}\n--- longtail status:\n{st.stdout[-2000:]}{st.stderr[-1000:]}\n--- longtail logs:\n"
+                             f"{lg.stdout[-3000:]}{lg.stderr[-1000:]}") from None
 
     state = advance_and_hold(sandbox, out, 16, [])
     shots = {"job": tmp_path / "dashboard-submitted-job.png"}
