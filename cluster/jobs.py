@@ -73,7 +73,9 @@ def job_entrypoint(args: str) -> str:
     on nodes built from one image). A head started as `.venv/bin/ray start --head`, without the venv on its
     PATH, has only a bare python there, which lacks longtail."""
     candidates = " ".join(shlex.quote(p) for p in ("python3", "python", sys.executable))
-    return (f"for py in {candidates}; do if \"$py\" -c 'import orchestrator.cli' 2>/dev/null; then "
+    # the probe imports what the driver needs (pyarrow, numpy, ray), not only the CLI, whose light imports
+    # succeed on a bare python that has click (seen: a head's python3 took the job and lacked pyarrow)
+    return (f"for py in {candidates}; do if \"$py\" -c 'import orchestrator.driver, ray' 2>/dev/null; then "
             f"exec \"$py\" -m orchestrator.cli {args}; fi; done; "
             f"echo 'longtail: no Python on the head can import longtail (tried {candidates}); install longtail "
             f"there, or start the head from its virtual environment (docs/cluster.md)' >&2; exit 2")
