@@ -98,8 +98,8 @@ def train_campaign(spec: specs.Spec, root: str, pack: int = 16):
     start = time.perf_counter()
     for i in range(0, len(calls), pack):
         for res in w.run_many(calls[i:i + pack]):
-            if res.get("failed"):
-                raise SystemExit(f"run {res['run']} failed: {res['reason']}")
+            if res.failed:
+                raise SystemExit(f"run {res.run} failed: {res.reason}")
     seconds = time.perf_counter() - start
     agg = Aggregator(c, from_scratch=True)
     for r in range(c.plan.runs):

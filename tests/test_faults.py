@@ -238,7 +238,7 @@ def test_a_worker_that_cannot_see_the_directory_sends_its_shards(tmp_path):
     assert seeing.ping()["direct"]
     blind = RunWorker(*args, probe=str(tmp_path / "elsewhere"))
     result = blind.run(0, c.plan.masks[0], int(c.plan.seeds[0]), str(c.paths.shard(0)))
-    assert not c.paths.shard(0).exists() and result["shard"][:4] == b"PAR1"
+    assert not c.paths.shard(0).exists() and result.shard[:4] == b"PAR1"
 
 
 def test_untrustworthy_shards_are_moved_aside_and_redone(ray_session, tmp_path, tmp_path_factory):

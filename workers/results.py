@@ -34,22 +34,8 @@ class WorkerConfig:
     device: str | None = None  # a torch device chosen by Ray Train (data-parallel ranks); None: cpu or cuda
 
 
-class _ByName:
-    """result["host"], result.get("failed"): reading a result as the dict it replaced (scripts and
-    benchmarks that train in-process read it so)."""
-
-    def __getitem__(self, key: str):
-        try:
-            return getattr(self, key)
-        except AttributeError:
-            raise KeyError(key) from None
-
-    def get(self, key: str, default=None):
-        return getattr(self, key, default)
-
-
 @dataclass(frozen=True)
-class WorkerResult(_ByName):
+class WorkerResult:
     """A run that finished: its shard is written (or, when its worker cannot see the campaign directory,
     its bytes are in `shard` for the driver to write). The fields up to `finished_at` are also the
     shard's metadata (workers/worker.py writes them there)."""
@@ -73,7 +59,7 @@ class WorkerResult(_ByName):
 
 
 @dataclass(frozen=True)
-class RunFailure(_ByName):
+class RunFailure:
     """Why a run failed on its own, as data: the driver records it in failed/ and goes on (within the
     failure budget), unless `fatal`: storage trouble (a full disk, permissions), which is not the
     run's fault and stops the command."""
