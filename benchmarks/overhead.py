@@ -1,15 +1,18 @@
 """Orchestration overhead, on the embedded Ray, with learners that take a known time.
 
-    .venv/bin/python benchmarks/overhead.py [--runs 40] [--trivial 2000]
+    .venv/bin/python benchmarks/overhead.py [--runs 40] [--run-seconds 1|10] [--trivial 2000]
 
-1. CPU-bound runs of 1 s each (a learner that keeps its core busy for 1 s of CPU time, so that the
+1. CPU-bound runs of 1 s each, or 10 s with --run-seconds 10 (a learner that keeps its core busy for
+   that much CPU time, so that the
    driver's own CPU competes with the runs as it does with training): overhead = (wall x workers -
    sum of the runs' own times) / sum of the runs' own times, over the window from the first dispatch
    to the last result (shards written, verified, folded, checkpoints included; Ray's start-up
-   excluded and printed). One worker per CPU, so the driver has no core of its own. Goal: <= 5%.
+   excluded and printed). One worker per CPU, so the driver has no core of its own. Goals
+   (research/perf.md): <= 5% for runs of >= 10 s; <= 10% for the short runs of the CPU test config.
 2. Trivial runs (a learner that returns at once): runs per second the whole machinery sustains,
    shards and folding included, with 64 runs per worker call (`[resources] pack = 64`; with the
-   default of 1 run per call for plug-in learners the rate is lower, printed too). Goal: >= 500 runs/s.
+   default of 1 run per call for plug-in learners the rate is lower, printed too). Goal
+   (research/perf.md): a per-run fixed cost <= 50 ms amortized; printed as ms per run.
 
 Where the time goes is printed too, from the shards (each run's training start is finished_at -
 train_seconds, its end the shard's mtime, its worker the pid): runs waiting for a core, shards built
@@ -102,7 +105,7 @@ def where_the_time_goes(runs: list[dict], wall: float, workers: int, own: float,
     for r in runs:
         by.setdefault(r["pid"], []).append(r)
     t0, t1 = min(r["start"] for r in runs), max(r["end"] for r in runs)
-    waited = sum(r["train"] for r in runs) - own  # a run's wall time beyond its 1 s of CPU: it waited for a core
+    waited = sum(r["train"] for r in runs) - own  # a run's wall time beyond its CPU time: it waited for a core
     after = sum(r["end"] - r["trained"] for r in runs)  # evaluating and writing the shard
     first = sum(min(rs, key=lambda r: r["start"])["end"] - min(rs, key=lambda r: r["start"])["trained"]
                 for rs in by.values())
@@ -110,7 +113,7 @@ def where_the_time_goes(runs: list[dict], wall: float, workers: int, own: float,
                for a, b in zip(sorted(rs, key=lambda r: r["start"]), sorted(rs, key=lambda r: r["start"])[1:]))
     edges = sum((min(r["start"] for r in rs) - t0) + (t1 - max(r["end"] for r in rs)) for rs in by.values())
     print(f"  where the {wall * workers - own:.2f} worker-seconds of overhead go (measured from the shards):")
-    print(f"    runs waiting for a core (their wall time beyond 1 s of CPU) {waited:.2f}; shards built and written "
+    print(f"    runs waiting for a core (their wall time beyond their CPU time) {waited:.2f}; shards built and written "
           f"{after:.2f} (of which the first shard of each worker {first:.2f}); workers idle between runs "
           f"{gaps:.2f}; head and tail (a worker starting later or finishing earlier than the last) {edges:.2f}; "
           f"dispatch and collection (the window beyond the runs) {(wall - (t1 - t0)) * workers:.2f}")
@@ -129,6 +132,8 @@ def busy(c, n: int, wall: float, workers: int, driver_cpu: float) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=40)
+    ap.add_argument("--run-seconds", type=int, choices=(1, 10), default=1,
+                    help="CPU seconds per CPU-bound run (perf.md's 5%% goal is for runs of >= 10 s)")
     ap.add_argument("--trivial", type=int, default=2000)
     ap.add_argument("--checkpoint-seconds", type=float, default=30.0,
                     help="[estimates] checkpoint_seconds of the CPU-bound campaign (30 is the default)")
@@ -140,27 +145,31 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="lt-overhead-")
     try:
         cpu0, ray0 = time.process_time(), ray_cpu()
-        c, report, whole = campaign(root, "second", a.runs, "one_cpu_second", 1, a.checkpoint_seconds)
+        c, report, whole = campaign(root, "second", a.runs,
+                                   "one_cpu_second" if a.run_seconds == 1 else "ten_cpu_seconds", 1,
+                                   a.checkpoint_seconds)
         driver_cpu, ray_daemons = time.process_time() - cpu0, ray_cpu() - ray0
         runs = timeline(c, a.runs)
         measured = sum(r["train"] for r in runs)
-        # each run needs exactly 1 s of CPU: time it spent waiting for a core (the driver's work) is
-        # overhead, so the runs' own time is 1 s each, not their measured wall time
-        own = float(a.runs)
+        # each run needs exactly run_seconds of CPU: time it spent waiting for a core (the driver's work)
+        # is overhead, so the runs' own time is that, not their measured wall time
+        own = float(a.runs * a.run_seconds)
         print(f"  (the runs' measured wall times sum to {measured:.1f} s for {own:.0f} s of CPU)")
         wall = report.training_seconds
         overhead = (wall * workers - own) / own
-        print(f"orchestration overhead, {a.runs} CPU-bound runs of 1 s on {workers} workers, checkpoint every "
+        print(f"orchestration overhead, {a.runs} CPU-bound runs of {a.run_seconds} s on {workers} workers, checkpoint every "
               f"{a.checkpoint_seconds:g} s")
         print(f"  sum of the runs' own times {own:.1f} s; first dispatch to last result {wall:.2f} s; whole call "
               f"{whole:.1f} s")
-        print(f"  overhead (wall x workers - own) / own = {overhead:.1%} (goal <= 5%)")
+        goal = "<= 5% for runs of >= 10 s" if a.run_seconds >= 10 else "<= 10% for the CPU test config's short runs"
+        print(f"  overhead (wall x workers - own) / own = {overhead:.1%} (goal {goal})")
         where_the_time_goes(runs, wall, workers, own, driver_cpu, ray_daemons)
         cpu0 = time.process_time()
         c, report, whole = campaign(root, "trivial", a.trivial, "trivial", 64)
         rate = a.trivial / report.training_seconds
         print(f"trivial runs, pack = 64: {a.trivial} in {report.training_seconds:.2f} s = {rate:.0f} runs/s "
-              f"(goal >= 500; shards written, verified and folded)")
+              f"= {1000 * report.training_seconds / a.trivial:.2f} ms per run on the machine (goal: a fixed cost <= 50 ms "
+              f"per run; shards written, verified and folded)")
         busy(c, a.trivial, report.training_seconds, workers, time.process_time() - cpu0)
         n1 = max(100, a.trivial // 5)
         cpu0 = time.process_time()

@@ -100,13 +100,13 @@ def influence(stats: Stats, target: str = CORRECT, rows: slice = slice(None)) ->
     s = stats.targets[target]
     if s.infl_in is None:
         raise ValueError("influence: these statistics were folded without dense influence sums")
-    a_in = s.infl_in[rows]
+    a_in = s.infl_in[rows].astype(np.float32, copy=False)  # soft sums are exact float64: the epilogue is float32
     n_in = stats.n_in[rows][:, None]
     n_out = (stats.runs - stats.n_in[rows])[:, None]
     a_out = s.test.astype(np.float32)[None, :] - a_in
     sq_in = sq_out = None
     if not s.binary:
-        sq_in = s.infl_sq_in[rows]
+        sq_in = s.infl_sq_in[rows].astype(np.float32)
         sq_out = s.test_sq.astype(np.float32)[None, :] - sq_in
     return difference(a_in, n_in, a_out, n_out, sq_in, sq_out, s.binary, dtype=np.float32)
 
@@ -131,7 +131,7 @@ def influence_into(stats: Stats, target: str, out_est: np.ndarray, out_se: np.nd
         n_out = (stats.runs - n_in)
         inv_in = _div(1.0, n_in, np.float32)
         inv_out = _div(1.0, n_out, np.float32)
-        a = s.infl_in[r0:r1]
+        a = s.infl_in[r0:r1].astype(np.float32, copy=False)
         est, var = out_est[r0:r1], out_se[r0:r1]
         np.multiply(a, inv_in, out=est)  # mean in
         np.subtract(total, a, out=var)
@@ -146,7 +146,7 @@ def influence_into(stats: Stats, target: str, out_est: np.ndarray, out_se: np.nd
             var *= inv_out
             var += tmp
         else:
-            q_in = s.infl_sq_in[r0:r1]
+            q_in = s.infl_sq_in[r0:r1].astype(np.float32)
             tmp = q_in * inv_in - est * est  # E[x^2] - mean^2 over in runs, times n_in / (n_in - 1) below
             tmp *= n_in * _div(1.0, n_in - 1, np.float32) * inv_in
             sq = (total_sq - q_in) * inv_out - var * var

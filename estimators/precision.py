@@ -134,8 +134,9 @@ def dense_matrix_bytes(n_train: int, n_test: int) -> int:
 
 
 def dense_influence_memory(n_train: int, n_test: int, soft: int) -> int:
-    """Memory the fold and the estimates need for dense influence: three matrices per target, and the
-    soft targets' sums of squares."""
+    """Memory the fold and the estimates need for dense influence, in float32 matrices: per 0/1 target its
+    sums, estimate and standard error (3); per soft target two float64 sums (values and squares: 4) and
+    its estimate and standard error (2), 6 = 3 x 2."""
     return DENSE_FOLD_MATRICES * (1 + 2 * soft) * dense_matrix_bytes(n_train, n_test)
 
 
@@ -175,13 +176,14 @@ def dynamics_bytes(n_train: int, main_runs: int) -> int:
 
 def checkpoint_bytes(mode: str, n_train: int, n_test: int, runs: int, soft: int, per_example: int,
                      main_runs: int | None = None) -> int:
-    """state/fold.npz: dense sums M^T X (float32; soft targets also their squares) when influence is dense,
+    """state/fold.npz: dense sums M^T X (float32 counts; soft targets exact float64 sums and their squares,
+    4 float32 matrices each) when influence is dense,
     every planned run's test outcomes (bit-packed 0/1, float16 soft values) and its record (RUN_RECORD_BYTES),
     the training-dynamics sums (their size grows with log2 of the main ratio's runs), and the other
     per-example sums (`per_example`). `longtail plan` states the exact size instead (the checkpoint of an
     empty fold of the campaign has the size of a full one: orchestrator/fold.py fixed_sizes); this model
     keeps its per-run and per-level growth (tests/test_precision.py checks it against fixed_sizes)."""
-    dense = dense_matrix_bytes(n_train, n_test) * (1 + 2 * soft) if mode == "dense" else 0
+    dense = dense_matrix_bytes(n_train, n_test) * (1 + 4 * soft) if mode == "dense" else 0
     per_run = (n_test + 7) // 8 + 2 * n_test * soft + RUN_RECORD_BYTES
     return dense + runs * per_run + dynamics_bytes(n_train, runs if main_runs is None else main_runs) + per_example
 

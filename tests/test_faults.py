@@ -526,8 +526,8 @@ def test_packed_campaign_survives_a_worker_and_a_driver_sigkill(address, tmp_pat
     """A worker SIGKILLed inside a call of 8 MLP runs, then the driver (a `longtail run` process)
     SIGKILLed mid-campaign; the next driver resumes. Every run is folded exactly once; every shard is
     bit-identical to the undisturbed campaign's (the dead call's runs were retried alone, the rest
-    regrouped: a run's output does not depend on its pack-mates), and so are the estimates, but for
-    the standard errors of soft influence (see below)."""
+    regrouped: a run's output does not depend on its pack-mates), and so is every estimate, soft ones
+    included."""
     runs = 32
     spec = tmp_path / "s.toml"
     spec.write_text(PACKED.format(design=design, epochs=40))  # 40 epochs: a call lasts about a second
@@ -556,23 +556,11 @@ def test_packed_campaign_survives_a_worker_and_a_driver_sigkill(address, tmp_pat
     run_campaign(create_or_open(specs.load(spec), ref), progress=False)
     print(f"resume {t1 - t0:.1f} s, undisturbed {time.time() - t1:.1f} s")
     assert_same_shards(out, ref, runs)
-    # 0/1 estimates: bit for bit (integer counts). Soft (margin) ones are sums of floats, whose rounding
-    # depends on which runs were folded together in one block, so they agree to rounding only.
+    # Every estimate bit for bit: 0/1 sums are integer counts, soft (margin) sums exact fixed-point
+    # float64 (estimators/stats.py), so neither depends on which runs were folded together.
     a, b = (pq.read_table(d / "estimates" / "memorization.parquet") for d in (out, ref))
-    for name in a.column_names:
-        x, y = a[name].to_numpy(zero_copy_only=False), b[name].to_numpy(zero_copy_only=False)
-        if "margin" in name:  # float64 sums: 1e-12 is thousands of ulps, 1e9 below a one-run change
-            np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-12, err_msg=name)
-        else:
-            assert x.tobytes() == y.tobytes(), name
-    for name in ("influence.npy", "influence_se.npy"):
+    assert a.equals(b)
+    for name in ("influence.npy", "influence_se.npy", "influence_margin.npy", "influence_margin_se.npy"):
         assert np.load(out / "estimates" / name).tobytes() == np.load(ref / "estimates" / name).tobytes(), name
     assert pq.read_table(out / "estimates" / "high_influence_pairs.parquet").equals(
         pq.read_table(ref / "estimates" / "high_influence_pairs.parquet"))
-    # Soft influence is float32 GEMM sums (estimators/stats.py): 32 margins of |m| < ~20 round by < 4e-5.
-    # Its standard errors, sqrt(mean(x^2) - mean(x)^2) in float32, cancel: measured up to 1.9e-3 relative.
-    # Both tolerances still catch a run missing or wrong (one run of ~22 moves these by several %).
-    inf, inf_ref = (np.load(d / "estimates" / "influence_margin.npy") for d in (out, ref))
-    np.testing.assert_allclose(inf, inf_ref, rtol=1e-5, atol=1e-4)
-    se, se_ref = (np.load(d / "estimates" / "influence_margin_se.npy") for d in (out, ref))
-    np.testing.assert_allclose(se, se_ref, rtol=1e-2, atol=1e-4)

@@ -152,7 +152,7 @@ def test_dense_checkpoint_and_influence_terms_match_the_fold(digits):
         dense = fixed_sizes(_spec(influence="dense", soft=soft), digits)["checkpoint"]
         none = fixed_sizes(_spec(influence="topk", soft=soft), digits)["checkpoint"]
         model = pr.checkpoint_bytes("dense", n, nt, 0, k, 0) - pr.checkpoint_bytes("topk", n, nt, 0, k, 0)
-        assert model == pr.dense_matrix_bytes(n, nt) * (1 + 2 * k)
+        assert model == pr.dense_matrix_bytes(n, nt) * (1 + 4 * k)  # soft sums: float64 values and squares
         assert 0 <= (dense - none) - model < 2000
 
 
@@ -185,9 +185,10 @@ def test_storage_bytes_adds_its_parts():
     assert parts["shards"] == 400_000
     assert parts["plan"] == 400 * (7 + 9) + 300
     assert parts["estimates"] == 2 * 4 * 50 * 20 * 2 + 200  # estimate and standard error, two targets
+    # dense sums: float32 counts of the 0/1 target, float64 values and squares of the soft one (1 + 4 matrices)
     # per planned run: bit-packed and float16 test outcomes, and its record (left out before: a figure this
     # test pinned without them); the training-dynamics sums at log2 levels of the runs
-    assert parts["checkpoint"] == 4 * 50 * 20 * 3 + 400 * (3 + 2 * 20 + 33) + 50 * (10 + 1) * 14 + 100
+    assert parts["checkpoint"] == 4 * 50 * 20 * 5 + 400 * (3 + 2 * 20 + 33) + 50 * (10 + 1) * 14 + 100
     assert pr.storage_bytes("dense", 50, 20, 400, 1, 10, 0, 1000.0, 300, 200, 100, checkpoint=7)["checkpoint"] == 7
     assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
     topk = pr.storage_bytes("topk", 50, 20, 400, 0, 10, 0, 1000.0, 300, 200, 100)
