@@ -76,23 +76,25 @@ def outcomes(plan, n_train: int, n_test: int, runs: int, planted: int, seed: int
     return x, trains, tests
 
 
-def gemm_seconds(mask_columns, out: inf.Outcomes, n_train: int, halves: inf.Halves, budget: float) -> Clock:
-    """The GEMMs of one top-k pass with split halves, alone, at the same tile shapes: the whole's in-sums
-    of every tile, and each half's for the training examples whose pairs it wants."""
+def gemm_seconds(mask_columns, out: inf.Outcomes, n_train: int, halves: inf.Halves, budget: float, k: int) -> Clock:
+    """The GEMMs of one top-k pass with split halves, alone, at the pass's own tile shapes (its first
+    tiles are narrow: influence.topk_tiles): the whole's in-sums of every tile, and each half's for the
+    training examples whose pairs it wants."""
     rows, cols = inf.tile_shape(n_train, out.x.shape[1], budget, inf.TOPK_BYTES_PER_CELL)
     groups = [np.flatnonzero(halves.half == h) for h in range(2)]
     xs = [np.asarray(out.x[g], np.float32) for g in groups]
-    xt = out.x.T
+    # into reused buffers and train-major, as top_k computes them: the GEMMs alone, not page faults
+    buf = np.empty(rows * min(cols, out.x.shape[1]), np.float32)
     clock = Clock().__enter__()
-    for r0 in range(0, n_train, rows):
-        ids = np.arange(r0, min(r0 + rows, n_train))
+    for r0, r1 in inf.topk_tiles(n_train, rows, k):  # the pass's own tiles
+        ids = np.arange(r0, r1)
         m = mask_columns(ids).astype(np.float32)
         mh = [np.ascontiguousarray(m[np.ix_(g, np.flatnonzero(halves.rows[h][ids]))]) for h, g in enumerate(groups)]
         for c0 in range(0, out.x.shape[1], cols):
-            c = slice(c0, c0 + cols)
-            _ = xt[c] @ m
-            _ = xs[0].T[c] @ mh[0]
-            _ = xs[1].T[c] @ mh[1]
+            c = slice(c0, min(c0 + cols, out.x.shape[1]))
+            w = c.stop - c.start
+            for mm, x in ((m, out.x), (mh[0], xs[0]), (mh[1], xs[1])):
+                np.matmul(mm.T, x[:, c], out=buf[:mm.shape[1] * w].reshape(mm.shape[1], w))
     clock.__exit__()
     return clock
 
@@ -306,7 +308,7 @@ def main() -> None:
     with Clock() as t_counts:
         n_in = inf.counts_in(mask_columns, n, a.runs, budget)[0]
     split = inf.Halves(half=halves, rows=rows, threshold=0.15)
-    t_gemm = gemm_seconds(mask_columns, out, n, split, budget)
+    t_gemm = gemm_seconds(mask_columns, out, n, split, budget, a.k)
     with Clock() as t_topk:
         top = inf.top_k(mask_columns, out, n, a.k, 0.15, budget, n_in=n_in, halves=split)
     got = set(zip(top.pairs_train.tolist(), top.pairs_test.tolist()))

@@ -43,11 +43,12 @@ def _div(num, den, dtype):
 
 
 def difference(sum_in, n_in, sum_out, n_out, sq_in=None, sq_out=None, binary: bool = True,
-               z: float = Z95, dtype=np.float64) -> Difference:
+               z: float = Z95, dtype=np.float64, intervals: bool = True) -> Difference:
     """The difference of the mean over "in" runs and the mean over "out" runs, from sums and counts.
 
     n_in, n_out broadcast against the sums (e.g. shape (n, 1) against (n, n_test)). Soft targets
-    need the sums of squares sq_in, sq_out.
+    need the sums of squares sq_in, sq_out. intervals=False leaves ci_low and ci_high None (for
+    millions of pairs that keep only the estimate and its standard error).
     """
     mean_in = _div(sum_in, n_in, dtype)
     mean_out = _div(sum_out, n_out, dtype)
@@ -56,6 +57,9 @@ def difference(sum_in, n_in, sum_out, n_out, sq_in=None, sq_out=None, binary: bo
     n_out = np.asarray(n_out, dtype=dtype)
     if binary:
         se = np.sqrt(_div(mean_in * (1 - mean_in), n_in, dtype) + _div(mean_out * (1 - mean_out), n_out, dtype))
+        if not intervals:
+            return Difference(est=est, se=se.astype(dtype), ci_low=None, ci_high=None, mean_in=mean_in,
+                              mean_out=mean_out)
         # Agresti-Caffo: one pseudo-success and one pseudo-failure on each side
         p_in = (np.asarray(sum_in, dtype) + 1) / (n_in + 2)
         p_out = (np.asarray(sum_out, dtype) + 1) / (n_out + 2)

@@ -12,6 +12,7 @@ runs in use; `x` (runs, n_test) holds their target values on the test set (0/1 f
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -23,6 +24,24 @@ from estimators.estimates import Difference, difference
 MaskColumns = Callable[[np.ndarray], np.ndarray]
 BYTES_PER_CELL = 4 * 12  # float32 A, the out sums, and the temporaries of `difference`
 TOPK_BYTES_PER_CELL = 4 * 5  # top-k: the transposed GEMM tile, the halves' two, the comparison's mask, slack
+
+
+@contextmanager
+def _written_once():
+    """Arrays allocated inside are written once and read once (the pairs noise lets through: millions at
+    few runs): without numpy's madvise(MADV_HUGEPAGE), which on a fragmented or ballooned machine makes
+    the kernel compact memory for every fresh 2 MB page (measured here: 15 ms a 2 MB page, against 1.5 us
+    a 4 kB page; a 200 MB array 2.9 s against 0.07 s). Reused buffers keep huge pages (a GEMM into them
+    runs 15% faster). numpy's switch is private; where it is missing nothing changes."""
+    from numpy._core import multiarray
+
+    switch = getattr(multiarray, "_set_madvise_hugepage", None)
+    previous = switch(False) if switch else None
+    try:
+        yield
+    finally:
+        if switch:
+            switch(previous)
 
 
 def tile_shape(n_rows: int, n_cols: int, budget_bytes: float, bytes_per_cell: int = BYTES_PER_CELL
@@ -148,11 +167,11 @@ class TopK:
     se: np.ndarray
     ci_low: np.ndarray
     ci_high: np.ndarray
-    pairs_train: np.ndarray  # every (i, j) with infl >= threshold
-    pairs_test: np.ndarray
+    pairs_train: np.ndarray  # int32: every (i, j) with infl >= threshold (int32 halves the bytes of the
+    pairs_test: np.ndarray  # millions that noise lets through at few runs)
     pairs_infl: np.ndarray
     pairs_se: np.ndarray
-    half_pairs: list | None = None  # with `halves`: per half, (train ids, test ids) with infl >= threshold
+    half_pairs: list | None = None  # with `halves`: per half, int32 (train ids, test ids) with infl >= threshold
 
 
 @dataclass
@@ -195,14 +214,19 @@ class _Best:
         if len(j) == 0:
             return
         k = self.k
+        # Ties go to the smaller id. Every candidate's id is larger than every kept one's (tiles come in
+        # increasing id order), and the kept cells of a row are in (-key, id) order already: with the
+        # candidates put in id order after them, a stable sort by (row, -key) needs no third key.
+        by_id = np.argsort(ids, kind="stable")
+        j, ids, key, a = j[by_id], ids[by_id], key[by_id], a[by_id]
         rows = np.unique(j)
         cj = np.concatenate([np.repeat(rows, k), j])
         ck = np.concatenate([self.key[rows].ravel(), key])
         cid = np.concatenate([self.id[rows].ravel(), ids])
         ca = np.concatenate([self.a[rows].ravel(), a])
-        # (test row, -key, id): the row key as uint16 where it fits, which numpy sorts by radix
+        # the row key as uint16 where it fits, which numpy sorts by radix (empty slots: key -inf, last)
         row_key = cj.astype(np.uint16) if len(self.count) <= 2**16 else cj
-        order = np.lexsort((np.where(cid < 0, np.iinfo(np.int64).max, cid), -ck, row_key))
+        order = np.lexsort((-ck, row_key))
         cj = cj[order]
         starts = np.searchsorted(cj, rows)
         rank = np.arange(len(cj)) - np.repeat(starts, np.diff(np.r_[starts, len(cj)]))
@@ -258,6 +282,16 @@ class _Rule:
         return np.where(filled, r // (t * den) + 1, -1).astype(np.float64)
 
 
+def topk_tiles(n_train: int, rows: int, k: int) -> Iterator[tuple[int, int]]:
+    """The training-id ranges top_k visits, in order: every cell of the first tile is a candidate, so it
+    is small (2k columns), and each next one 4x wider up to `rows`, so the k-th best is soon a tight bound."""
+    pos, width = 0, min(rows, max(2 * k, 16))
+    while pos < n_train:
+        yield pos, min(pos + width, n_train)
+        pos += width
+        width = min(rows, 4 * width)
+
+
 def top_k(mask_columns: MaskColumns, out: Outcomes, n_train: int, k: int, threshold: float | None,
           budget_bytes: float = 2**30, n_in: np.ndarray | None = None, halves: Halves | None = None) -> TopK:
     """Stream tiles of influence, keeping only the running top-k of every test example and the pairs
@@ -289,11 +323,15 @@ def top_k(mask_columns: MaskColumns, out: Outcomes, n_train: int, k: int, thresh
         half_rule = [_Rule(h, halves.threshold) for h in half_out]
         half_n = counts[1:]
         half_found: list[list] = [[], []]
-    pos, width = 0, min(rows, max(2 * k, 16))  # every cell of the first tile is a candidate: keep it small
-    while pos < n_train:
-        ids = np.arange(pos, min(pos + width, n_train))  # a contiguous range: the plan's fast path
-        pos += width
-        width = min(rows, 4 * width)
+    # Every tile's GEMM writes into one buffer, and every comparison into one mask: a fresh output per
+    # tile is page-faulted in anew (with transparent huge pages, measured on this VM at 10x the GEMM).
+    # The tile is computed train-major, (w, cols): a group of equal n_in is then a contiguous block of
+    # rows, compared in one pass and scanned by flatnonzero (4x faster than nonzero over a column slice).
+    buf = np.empty(min(cols, n_test) * rows, np.float32)
+    hbuf = np.empty(len(buf) if halves is not None else 0, np.float32)
+    mask_buf = np.empty(len(buf), bool)
+    for start, stop in topk_tiles(n_train, rows, k):
+        ids = np.arange(start, stop)  # a contiguous range: the plan's fast path
         keep = np.flatnonzero(defined[ids])
         keep = keep[np.argsort(n_in[ids[keep]], kind="stable")]  # stable: ids ascend within a group
         if not len(keep):
@@ -310,9 +348,11 @@ def top_k(mask_columns: MaskColumns, out: Outcomes, n_train: int, k: int, thresh
         m_half = [np.ascontiguousarray(m[np.ix_(groups[h], sel)]) for h, sel in enumerate(half_cols)]
         for c0 in range(0, n_test, cols):
             c = slice(c0, min(c0 + cols, n_test))
-            a = xt_full[c] @ m  # (cols, w): sums over in-runs, exact integers for 0/1 targets
+            width_c = c.stop - c.start
+            # (w, cols): sums over in-runs, exact integers for 0/1 targets
+            a = np.matmul(m.T, out.x[:, c], out=buf[:len(idx) * width_c].reshape(len(idx), width_c))
             total = rule.total[c]
-            cands = [_select(a[:, lo:hi], idx[lo:hi], int(n_tile[lo]), total, c, rule, best, n_in, found)
+            cands = [_select(a[lo:hi], idx[lo:hi], int(n_tile[lo]), total, c, rule, best, n_in, found, mask_buf)
                      for lo, hi in segments]
             # one merge per tile: the bounds of its later groups are a little looser, but each merge
             # sorts the k kept cells of every test example it touches
@@ -320,33 +360,37 @@ def top_k(mask_columns: MaskColumns, out: Outcomes, n_train: int, k: int, thresh
             best.merge(tj + c0, tid, key, ta)
             for h, sel in enumerate(half_cols):
                 if len(sel):
-                    _half_pairs(half_out[h].x.T[c] @ m_half[h], idx[sel], half_n[h][idx[sel]], half_rule[h], c,
-                                half_found[h])
-    pairs_train, pairs_test, pairs_a = (np.concatenate(v) if found else np.zeros(0, dt)
-                                        for v, dt in zip(zip(*found) if found else ((), (), ()),
-                                                         (np.int32, np.int32, np.float32)))
+                    ah = np.matmul(m_half[h].T, half_out[h].x[:, c],
+                                   out=hbuf[:len(sel) * width_c].reshape(len(sel), width_c))
+                    _half_pairs(ah, idx[sel], half_n[h][idx[sel]], half_rule[h], c, half_found[h], mask_buf)
+    del buf, hbuf, mask_buf
     b = _estimates(mask_columns, out, n_in, best.id, np.arange(n_test)[:, None], best.a)
-    pairs_infl = np.empty(len(pairs_a), np.float32)
-    pairs_se = np.empty(len(pairs_a), np.float32)
-    for s0 in range(0, len(pairs_a), 2**20):  # in chunks: millions of pairs at 200 runs, few temporaries
-        s1 = s0 + 2**20
-        p = _estimates(mask_columns, out, n_in, pairs_train[s0:s1], pairs_test[s0:s1], pairs_a[s0:s1])
-        pairs_infl[s0:s1], pairs_se[s0:s1] = p.est, p.se
+    with _written_once():
+        pairs_train, pairs_test, pairs_a = (np.concatenate(v) if found else np.zeros(0, dt)
+                                            for v, dt in zip(zip(*found) if found else ((), (), ()),
+                                                             (np.int32, np.int32, np.float32)))
+        found.clear()
+        pairs_infl = np.empty(len(pairs_a), np.float32)
+        pairs_se = np.empty(len(pairs_a), np.float32)
+        # in chunks of 2**18: millions of pairs at 200 runs; a chunk's temporaries (1 MB) are reused
+        for s0 in range(0, len(pairs_a), 2**18):
+            s1 = s0 + 2**18
+            p = _estimates(mask_columns, out, n_in, pairs_train[s0:s1], pairs_test[s0:s1], pairs_a[s0:s1],
+                           intervals=False)
+            pairs_infl[s0:s1], pairs_se[s0:s1] = p.est, p.se
+        hp = None
+        if halves is not None:
+            hp = [tuple(np.concatenate([x[i] for x in f]) if f else np.zeros(0, np.int32) for i in range(2))
+                  for f in half_found]
     missing = best.id < 0
     for arr in (b.est, b.se, b.ci_low, b.ci_high):
         arr[missing] = np.nan
-    hp = None
-    if halves is not None:
-        hp = []
-        for f in half_found:
-            hp.append(tuple(np.concatenate([x[i] for x in f]).astype(np.int64) if f else np.zeros(0, np.int64)
-                            for i in range(2)))
     return TopK(train=best.id, infl=b.est, se=b.se, ci_low=b.ci_low, ci_high=b.ci_high,
-                pairs_train=pairs_train.astype(np.int64), pairs_test=pairs_test.astype(np.int64),
-                pairs_infl=pairs_infl, pairs_se=pairs_se, half_pairs=hp)
+                pairs_train=pairs_train, pairs_test=pairs_test, pairs_infl=pairs_infl, pairs_se=pairs_se, half_pairs=hp)
 
 
-def _estimates(mask_columns: MaskColumns, out: Outcomes, n_in: np.ndarray, ids, tests, a) -> Difference:
+def _estimates(mask_columns: MaskColumns, out: Outcomes, n_in: np.ndarray, ids, tests, a,
+               intervals: bool = True) -> Difference:
     """Estimates, standard errors and intervals of kept cells (train ids, test ids, in-sums)."""
     n = n_in[np.maximum(ids, 0)].astype(np.float32)
     a = np.asarray(a, np.float32)
@@ -358,14 +402,22 @@ def _estimates(mask_columns: MaskColumns, out: Outcomes, n_in: np.ndarray, ids, 
     return difference(a, n, total - a, out.runs - n, sq_in, sq_out, out.binary, dtype=np.float32)
 
 
-def _select(a, ids, n, total, c, rule: _Rule, best: _Best, n_in, found):
-    """The cells of one group of training examples (equal n_in = n) that reach the threshold (appended
-    to `found`) or may enter the running top k (returned: test row, train id, order key, in-sum)."""
+def _passing(a: np.ndarray, need: np.ndarray, exact: bool, mask_buf: np.ndarray):
+    """(train position, test row, value) of the cells of `a` (w, cols; contiguous) >= need (per test row)."""
+    hit = np.greater_equal(a, need[None, :].astype(np.float32) if exact else need[None, :],
+                           out=mask_buf[:a.size].reshape(a.shape))
+    flat = np.flatnonzero(hit)
+    i, j = np.divmod(flat, a.shape[1])
+    return i, j, a.ravel()[flat].astype(np.float64)
+
+
+def _select(a, ids, n, total, c, rule: _Rule, best: _Best, n_in, found, mask_buf):
+    """The cells of one group of training examples (equal n_in = n; `a` is (len(ids), cols)) that reach
+    the threshold (appended to `found`) or may enter the running top k (returned: test row, train id,
+    order key, in-sum)."""
     pair_need = rule.pair_need(n, total)
     top_need = rule.top_need(n, total, best, c, n_in)
-    need = np.minimum(pair_need, top_need)
-    j, i = np.nonzero(a >= need[:, None].astype(np.float32) if rule.exact else a >= need[:, None])
-    vals = a[j, i].astype(np.float64)
+    i, j, vals = _passing(a, np.minimum(pair_need, top_need), rule.exact, mask_buf)
     cand = ids[i]
     is_pair = vals >= pair_need[j]
     if is_pair.any():
@@ -382,8 +434,8 @@ def _wanted(wanted: np.ndarray, n_half: np.ndarray, runs: int) -> np.ndarray:
     return sel[np.argsort(n_half[sel], kind="stable")]
 
 
-def _half_pairs(a, ids, n_half, rule: _Rule, c, found) -> None:
-    """Pairs of one half that reach the threshold: `a` (cols, len(ids)) holds the half's in-sums of
+def _half_pairs(a, ids, n_half, rule: _Rule, c, found, mask_buf) -> None:
+    """Pairs of one half that reach the threshold: `a` (len(ids), cols) holds the half's in-sums of
     training examples `ids`, grouped by their n_in in this half (`n_half`)."""
     if rule.threshold is None:
         return
@@ -391,12 +443,10 @@ def _half_pairs(a, ids, n_half, rule: _Rule, c, found) -> None:
     cut = np.flatnonzero(np.diff(n_half)) + 1
     for lo, hi in zip(np.r_[0, cut], np.r_[cut, len(ids)]):
         n = int(n_half[lo])
-        need = rule.pair_need(n, total)
-        sub = a[:, lo:hi]
-        j, i = np.nonzero(sub >= need[:, None].astype(sub.dtype) if rule.exact else sub >= need[:, None])
+        i, j, vals = _passing(a[lo:hi], rule.pair_need(n, total), rule.exact, mask_buf)
         if not rule.exact and len(j):
-            ok = rule.key(sub[j, i], n, total[j]) >= rule.threshold
-            j, i = j[ok], i[ok]
+            ok = rule.key(vals, n, total[j]) >= rule.threshold
+            i, j = i[ok], j[ok]
         found.append((ids[lo + i].astype(np.int32), (j + c.start).astype(np.int32)))
 
 

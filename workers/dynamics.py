@@ -24,21 +24,26 @@ class Recorder:
     """Training dynamics of K models trained together (K = 1 for train_run).
 
     A step only keeps references to its detached logits, example indices (and losses and labels, if the
-    caller has them): no kernel per step. Once FLUSH_ELEMENTS logits are held (or when the result is
+    caller has them): no kernel per step. Once `flush_elements` logits are held (or when the result is
     asked for) they are scored together, a dozen kernels over the concatenated batches: each example's
     loss is added to the state, its correctness written into its epoch's slot of `correct`. When every
     slot holds an ended epoch (or at the result), those epochs are folded into forgetting events and
     learning time at once. Per step, the three kernels of the correctness alone cost a packed MLP's run
-    2-3% (small kernels between the forward and the backward run cold); scored per ~12 steps, a tenth.
+    2-3% (small kernels between the forward and the backward run cold); scored per few steps, a tenth.
+    Packed, fewer logits are held: what is held takes cache from the K models' weights and optimizer
+    state, and a packed step then slows by more than the scoring costs (demo recipe, K = 16: +8% with
+    2**18 logits held, +4-5% with 2**16; benchmarks/dynamics.py).
 
-    Memory: FLUSH_ELEMENTS logits (1 MB in float32) plus `slots` bools of K x (n_train + 1), the slots
-    bounded by SLOT_BYTES (a large dataset folds every epoch)."""
+    Memory: FLUSH_ELEMENTS logits (1 MB in float32; a quarter packed) plus `slots` bools of
+    K x (n_train + 1), the slots bounded by SLOT_BYTES (a large dataset folds every epoch)."""
 
-    FLUSH_ELEMENTS = 1 << 18  # logits held before they are scored (1 MB in float32: stays in cache)
+    FLUSH_ELEMENTS = 1 << 18  # logits of one model held before they are scored (1 MB in float32)
+    FLUSH_ELEMENTS_PACKED = 1 << 16  # the same for K > 1 models (256 kB: see the class)
     SLOT_BYTES = 1 << 22  # at most this many bytes of per-epoch correctness held before it is folded
 
     def __init__(self, models: int, labels: torch.Tensor, label_smoothing: float):
         self.n, self.smoothing = len(labels), label_smoothing
+        self.flush_elements = self.FLUSH_ELEMENTS if models == 1 else self.FLUSH_ELEMENTS_PACKED
         device = labels.device
         self.labels = torch.cat([labels, labels.new_zeros(1)])  # padding's spare column gets label 0
         shape = (models, self.n + 1)
@@ -62,7 +67,7 @@ class Recorder:
         examples' labels, which they have already. Nothing is computed here (see the class)."""
         self._held.append((logits.detach(), examples, loss if loss is None else loss.detach(), labels))
         self._elements += logits.numel()
-        if self._elements >= self.FLUSH_ELEMENTS:
+        if self._elements >= self.flush_elements:
             self._score()
 
     def end_epoch(self) -> None:
