@@ -81,8 +81,8 @@ def main() -> None:
           f"K={a.k}, median of {a.repeats}")
     print(f"recipe: digits MLP 64-128-10, {TRAIN['epochs']} epochs, batch {TRAIN['batch_size']}, sgd lr 0.1 "
           f"nesterov 0.9, wd 5e-4, {a.design} 70% subsets ({sizes})")
-    print(f"| mode | K runs, median s (min-max) | runs/s | ms/run | mean test accuracy |")
-    print(f"|---|---|---|---|---|")
+    print("| mode | K runs, median s (min-max) | runs/s | ms/run | mean test accuracy |")
+    print("|---|---|---|---|---|")
     for name, label in (("sequential", "sequential train_run"), ("batched", "one train_runs call")):
         ts = times[name]
         print(f"| {label} | {med[name]:.2f} ({min(ts):.2f}-{max(ts):.2f}) | {a.k / med[name]:.1f} | "

@@ -317,7 +317,6 @@ def top_k(mask_columns: MaskColumns, out: Outcomes, n_train: int, k: int, thresh
     rows, cols = tile_shape(n_train, n_test, budget_bytes, TOPK_BYTES_PER_CELL)
     best = _Best(n_test, k)
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    xt_full = out.x.T  # (n_test, runs) view
     if halves is not None:
         half_out = [Outcomes(out.x[g], out.binary) for g in groups]
         half_rule = [_Rule(h, halves.threshold) for h in half_out]

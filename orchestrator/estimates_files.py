@@ -226,7 +226,7 @@ def split_half(agg: Aggregator, half_sets: list | None = None) -> dict | None:
 
     The halves' high-influence pairs are `half_sets` when the top-k pass found them; otherwise one
     pass computes both halves (their GEMMs together cost one of the whole)."""
-    c, e = agg.c, agg.c.spec.estimates
+    c = agg.c
     halves = [est.memorization(h) for h in agg.halves]
     if min(h.runs for h in agg.halves) < 2:
         return None

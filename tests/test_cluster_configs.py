@@ -101,7 +101,7 @@ def test_start_commands_are_valid_ray_start_calls_with_token_auth(name):
     heads = ray_start_calls(config["head_start_ray_commands"])
     workers = ray_start_calls(config["worker_start_ray_commands"])
     assert len(heads) == 1 and len(workers) == 1, "one `ray start` each for the head and the workers"
-    (head_env, head), (worker_env, worker) = heads[0], workers[0]
+    (_, head), (_, worker) = heads[0], workers[0]
     assert head["head"] and head["port"] == 6379
     assert worker["address"] == "$RAY_HEAD_IP:6379"
     for env, params in (heads[0], workers[0]):

@@ -63,7 +63,7 @@ def small():
     ({"name": "mnist-mlp"}, (1, 28, 28), 10),
 ])
 def test_new_models_build_and_map_images_to_logits(section, shape, classes):
-    resolved = specs.loads(f'[campaign]\nname = "t"\nruns = 2\n[dataset]\nname = "digits"\n[model]\n'
+    resolved = specs.loads('[campaign]\nname = "t"\nruns = 2\n[dataset]\nname = "digits"\n[model]\n'
                            + "\n".join(f"{k} = {specs._toml_value(v)}" for k, v in section.items())).model
     model = model_factory(resolved.as_dict())(classes, shape).eval()
     with torch.no_grad():
