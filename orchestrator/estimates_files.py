@@ -195,7 +195,7 @@ def write_influence(agg: Aggregator, mems: dict[str, est.Memorization], final: b
                                f"tr_classidx_{b.label}": b.train, f"tt_classidx_{b.label}": b.test})
             write_npz(paths.influence_file("per-class", target), arrays)
             tr, te, infl, se = _class_pairs(blocks, with_se=True)
-            found = est.filter_pairs(est.select_pairs(tr, te, infl, mem, se), mem, y_tr, y_te, e.mem_threshold,
+            found = est.filter_pairs(est.candidate_pairs(tr, te, infl, mem, se), mem, y_tr, y_te, e.mem_threshold,
                                      None, same_class=True, memorized=memorized)
         else:  # topk
             halves = _halves(agg, runs) if target == CORRECT and half_sets is not None else None
@@ -212,7 +212,7 @@ def write_influence(agg: Aggregator, mems: dict[str, est.Memorization], final: b
             write_parquet(paths.influence_file("topk_pairs", target), pa.table({
                 "train": top.pairs_train.astype(np.int32), "test": top.pairs_test.astype(np.int32),
                 "infl": top.pairs_infl, "se": top.pairs_se}), len(runs))
-            found = est.filter_pairs(est.select_pairs(top.pairs_train, top.pairs_test, top.pairs_infl, mem,
+            found = est.filter_pairs(est.candidate_pairs(top.pairs_train, top.pairs_test, top.pairs_infl, mem,
                                                       top.pairs_se), mem, y_tr, y_te, e.mem_threshold,
                                      None, e.same_class, memorized)
         if target == CORRECT:
@@ -377,7 +377,7 @@ def export_fz(agg: Aggregator, dest: Path) -> list[Path]:
     matrix = ExportPaths(dest).fz_matrix(c.name)
     write_npz(matrix, arrays)
     tr, te, infl, _ = _class_pairs(blocks, with_se=False)
-    pairs = est.filter_pairs(est.select_pairs(tr, te, infl, mem), mem, y_tr, y_te, e.mem_threshold, None,
+    pairs = est.filter_pairs(est.candidate_pairs(tr, te, infl, mem), mem, y_tr, y_te, e.mem_threshold, None,
                              same_class=True, memorized=_memorized(agg, agg.stats))
     pairs_path = ExportPaths(dest).fz_pairs(c.name, e.infl_threshold, e.mem_threshold)
     write_npz(pairs_path, {"tr_idx": pairs.train, "tt_idx": pairs.test, "infl": pairs.infl.astype(np.float32),
@@ -405,7 +405,7 @@ def export_parquet(agg: Aggregator, dest: Path) -> list[Path]:
     cols.update(top_train=top.train[:, 0].astype(np.int32), top_infl=top.infl[:, 0], top_se=top.se[:, 0])
     write_parquet(test_path, pa.table(cols), len(runs))
     mem = mems[CORRECT].mem
-    pairs = est.filter_pairs(est.select_pairs(top.pairs_train, top.pairs_test, top.pairs_infl, mem, top.pairs_se),
+    pairs = est.filter_pairs(est.candidate_pairs(top.pairs_train, top.pairs_test, top.pairs_infl, mem, top.pairs_se),
                              mem, y_tr, y_te, e.mem_threshold, None, e.same_class, _memorized(agg, agg.stats))
     write_parquet(pairs_path, _pairs_table(pairs, y_te), len(runs))
     return [train_path, test_path, pairs_path]
