@@ -28,7 +28,6 @@ Ray and files stay in `measure_pilot` and the command.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from estimators.precision import (degenerate_share, expected_se, in_share, main_
 
 from orchestrator import spec as specs
 from orchestrator.campaign import CampaignError
+from orchestrator.failures import first_reason
 from orchestrator.pool import runs_per_call
 from orchestrator.progress import format_bytes, format_seconds
 
@@ -228,14 +228,9 @@ def measure_pilot(spec: specs.Spec, pilot: int, address: str | None, progress: b
 
 
 def _first_failure(paths) -> str | None:
-    if not paths.failed_dir.exists():
-        return None
-    for p in sorted(paths.failed_dir.glob(paths.FAILURE_GLOB)):
-        try:
-            return json.loads(p.read_text()).get("reason")
-        except (OSError, ValueError):
-            continue
-    return None
+    """The reason of the first failure record, or None without one."""
+    records = sorted(paths.failed_dir.glob(paths.FAILURE_GLOB)) if paths.failed_dir.exists() else []
+    return first_reason(records[0]) if records else None
 
 
 def build_plan(spec: specs.Spec, m: dict, workers: int, cluster: dict, mode: str, n_train: int, n_test: int,
