@@ -1,6 +1,6 @@
 """What recording training dynamics ([train] store = [..., "dynamics"]) costs, measured side by side.
 
-    .venv/bin/python benchmarks/dynamics.py [--k 16] [--repeats 5] [--packed-pairs 4] [--threads 1] [--device cpu]
+    .venv/bin/python benchmarks/dynamics.py [--k 16] [--repeats 5] [--packed-pairs 4] [--threads 1] [--device cpu] [--aa]
 
 The demo recipe on digits (MLP 64-128-10, 20 epochs, batch 128, SGD, 70% fixed subsets). Alone: K
 train_run calls without and K with dynamics; packed: --packed-pairs train_runs calls of K without and as many
@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--wall", action="store_true", help="wall time (with a device sync) instead of CPU time")
+    ap.add_argument("--aa", action="store_true", help="an A/A check: both variants without dynamics, so the "
+                    "printed 'overhead' and its quartiles are the pairing's own noise")
     a = ap.parse_args()
     clock = time.perf_counter if a.wall else time.thread_time
     torch.set_num_threads(a.threads)
@@ -53,6 +55,8 @@ def main() -> None:
     seeds = list(range(a.k))
     build = model_factory(MODEL)
     variants = {"off": {**TRAIN, "store": ["margin"]}, "on": {**TRAIN, "store": ["margin", "dynamics"]}}
+    if a.aa:
+        variants["on"] = variants["off"]
 
     def timed(call):
         def run(train):

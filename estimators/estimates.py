@@ -72,6 +72,9 @@ def difference(sum_in, n_in, sum_out, n_out, sq_in=None, sq_out=None, binary: bo
         var_in = _div(np.asarray(sq_in, dtype) - n_in * mean_in**2, n_in - 1, dtype)
         var_out = _div(np.asarray(sq_out, dtype) - n_out * mean_out**2, n_out - 1, dtype)
         se = np.sqrt(np.maximum(var_in, 0) / n_in + np.maximum(var_out, 0) / n_out)
+        if not intervals:
+            return Difference(est=est, se=se.astype(dtype), ci_low=None, ci_high=None, mean_in=mean_in,
+                              mean_out=mean_out)
         low, high = est - z * se, est + z * se
     return Difference(est=est, se=se.astype(dtype), ci_low=low, ci_high=high, mean_in=mean_in, mean_out=mean_out)
 
@@ -131,33 +134,41 @@ def influence_into(stats: Stats, target: str, out_est: np.ndarray, out_se: np.nd
     rows_per_block = rows_per_block or max(1, 2**18 // max(stats.n_test, 1))
     for r0 in range(0, stats.n_train, rows_per_block):
         r1 = min(r0 + rows_per_block, stats.n_train)
-        n_in = stats.n_in[r0:r1].astype(np.float32)[:, None]
-        n_out = (stats.runs - n_in)
-        inv_in = _div(1.0, n_in, np.float32)
-        inv_out = _div(1.0, n_out, np.float32)
-        a = s.infl_in[r0:r1].astype(np.float32, copy=False)
-        est, var = out_est[r0:r1], out_se[r0:r1]
-        np.multiply(a, inv_in, out=est)  # mean in
-        np.subtract(total, a, out=var)
-        var *= inv_out  # mean out
-        if s.binary:
-            tmp = est * est
-            np.subtract(est, tmp, out=tmp)
-            tmp *= inv_in  # p_in (1 - p_in) / n_in
-            est -= var  # the estimate
-            sq = var * var
-            np.subtract(var, sq, out=var)
-            var *= inv_out
-            var += tmp
-        else:
-            q_in = s.infl_sq_in[r0:r1].astype(np.float32)
-            tmp = q_in * inv_in - est * est  # E[x^2] - mean^2 over in runs, times n_in / (n_in - 1) below
-            tmp *= n_in * _div(1.0, n_in - 1, np.float32) * inv_in
-            sq = (total_sq - q_in) * inv_out - var * var
-            sq *= n_out * _div(1.0, n_out - 1, np.float32) * inv_out
-            est -= var
-            np.add(np.maximum(tmp, 0, out=tmp), np.maximum(sq, 0, out=sq), out=var)
-        np.sqrt(var, out=var)
+        epilogue_into(s.infl_in[r0:r1].astype(np.float32, copy=False), stats.n_in[r0:r1], stats.runs, total,
+                      out_est[r0:r1], out_se[r0:r1],
+                      None if s.binary else s.infl_sq_in[r0:r1].astype(np.float32), total_sq)
+
+
+def epilogue_into(a: np.ndarray, n_in: np.ndarray, runs: int, total: np.ndarray, est: np.ndarray,
+                  var: np.ndarray, q_in: np.ndarray | None = None, total_sq: np.ndarray | None = None) -> None:
+    """Influence estimates and standard errors of a block, in place and in float32: `a` (rows, cols) the
+    in-sums, `n_in` (rows,) the in-counts of `runs`, `total` (1, cols) the sums over all runs; for a soft
+    target `q_in` and `total_sq` the same of squares. Writes `est` and `var` (which ends as the standard
+    error); NaN where a side has no runs (or, soft, fewer than 2)."""
+    n_in = np.asarray(n_in, np.float32).reshape(-1, 1)
+    n_out = runs - n_in
+    inv_in = _div(1.0, n_in, np.float32)
+    inv_out = _div(1.0, n_out, np.float32)
+    np.multiply(a, inv_in, out=est)  # mean in
+    np.subtract(total, a, out=var)
+    var *= inv_out  # mean out
+    if q_in is None:
+        tmp = est * est
+        np.subtract(est, tmp, out=tmp)
+        tmp *= inv_in  # p_in (1 - p_in) / n_in
+        est -= var  # the estimate
+        sq = var * var
+        np.subtract(var, sq, out=var)
+        var *= inv_out
+        var += tmp
+    else:
+        tmp = q_in * inv_in - est * est  # E[x^2] - mean^2 over in runs, times n_in / (n_in - 1) below
+        tmp *= n_in * _div(1.0, n_in - 1, np.float32) * inv_in
+        sq = (total_sq - q_in) * inv_out - var * var
+        sq *= n_out * _div(1.0, n_out - 1, np.float32) * inv_out
+        est -= var
+        np.add(np.maximum(tmp, 0, out=tmp), np.maximum(sq, 0, out=sq), out=var)
+    np.sqrt(var, out=var)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from estimators import rational
-from estimators.estimates import Difference, difference
+from estimators.estimates import Difference, difference, epilogue_into
 
 MaskColumns = Callable[[np.ndarray], np.ndarray]
 BYTES_PER_CELL = 4 * 12  # float32 A, the out sums, and the temporaries of `difference`
@@ -76,9 +76,10 @@ def block(mask_columns: MaskColumns, out: Outcomes, rows: np.ndarray, cols: np.n
 
 
 def _block(mask_columns: MaskColumns, out: Outcomes, rows: np.ndarray, cols: np.ndarray,
-           xt: np.ndarray | None = None):
+           xt: np.ndarray | None = None, intervals: bool = True):
     """block(), and the in-sums and in-counts it came from. `xt`: out.x transposed and contiguous, from
-    which scattered test columns are contiguous rows (gathering them from out.x misses cache per run)."""
+    which scattered test columns are contiguous rows (gathering them from out.x misses cache per run).
+    intervals=False: estimates and standard errors only (per-class keeps no intervals)."""
     m = mask_columns(rows).astype(np.float32)  # (runs, len(rows))
     x = out.x[:, cols] if xt is None else xt[cols].T
     a_in = m.T @ x
@@ -90,7 +91,7 @@ def _block(mask_columns: MaskColumns, out: Outcomes, rows: np.ndarray, cols: np.
         sq_in = m.T @ (x * x)
         sq_out = out.total_sq[cols].astype(np.float32)[None, :] - sq_in
     return difference(a_in, n_in.astype(np.float32), a_out, n_out.astype(np.float32), sq_in, sq_out,
-                      out.binary, dtype=np.float32), a_in, n_in[:, 0]
+                      out.binary, dtype=np.float32, intervals=intervals), a_in, n_in[:, 0]
 
 
 def tiles(n_train: int, n_test: int, budget_bytes: float) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -134,18 +135,27 @@ def per_class(mask_columns: MaskColumns, out: Outcomes, train_labels: np.ndarray
     for k in np.union1d(np.unique(train_labels), np.unique(test_labels)):
         tr = np.flatnonzero(train_labels == k)
         te = np.flatnonzero(test_labels == k)
-        infl = np.full((len(tr), len(te)), np.nan, np.float32)
-        se = np.full_like(infl, np.nan)
+        # the tiles cover the whole block: no NaN fill first (an empty block is all NaN)
+        fill = np.empty if len(tr) and len(te) else lambda shape, dtype: np.full(shape, np.nan, dtype)
+        infl, se = fill((len(tr), len(te)), np.float32), fill((len(tr), len(te)), np.float32)
         found_r, found_j = [], []
         if len(tr) and len(te):
+            total, total_sq = out.total.astype(np.float32), None if out.binary else out.total_sq.astype(np.float32)
             for rows, cols in tiles(len(tr), len(te), budget_bytes):
-                d, a_in, n_in = _block(mask_columns, out, tr[rows], te[cols], xt)
-                infl[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = d.est
-                se[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = d.se
+                m = mask_columns(tr[rows]).astype(np.float32)  # (runs, len(rows))
+                x = xt[te[cols]].T
+                a_in = m.T @ x
+                n_in = m.sum(axis=0, dtype=np.float64)
+                block = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+                est_view, se_view = infl[block], se[block]
+                epilogue_into(a_in, n_in, out.runs, total[te[cols]][None, :], est_view, se_view,
+                              None if out.binary else m.T @ (x * x),
+                              None if out.binary else total_sq[te[cols]][None, :])
                 if threshold is None:
                     continue
                 # float32 is within ~1e-6 of the exact estimate: the counts decide near the threshold
-                r, j = np.nonzero(d.est >= (threshold - 1e-4 if exact else threshold))
+                r, j = np.divmod(np.flatnonzero(est_view >= (threshold - 1e-4 if exact else threshold)),
+                                 est_view.shape[1])
                 if exact:
                     ok = rational.at_least(a_in[r, j], n_in[r], out.total[te[cols]][j], out.runs, threshold)
                     r, j = r[ok], j[ok]
