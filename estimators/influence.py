@@ -346,6 +346,7 @@ def top_k(mask_columns: MaskColumns, out: Outcomes, n_train: int, k: int, thresh
         if not len(keep):
             continue
         idx = ids[keep]
+        idx32 = idx.astype(np.int32)  # the pairs' ids are int32 (TopK)
         m = mask_columns(ids)[:, keep].astype(np.float32)  # (runs, w), columns grouped by n_in
         n_tile = n_in[idx]
         cut = np.flatnonzero(np.diff(n_tile)) + 1
@@ -361,7 +362,7 @@ def top_k(mask_columns: MaskColumns, out: Outcomes, n_train: int, k: int, thresh
             # (w, cols): sums over in-runs, exact integers for 0/1 targets
             a = np.matmul(m.T, out.x[:, c], out=buf[:len(idx) * width_c].reshape(len(idx), width_c))
             total = rule.total[c]
-            cands = [_select(a[lo:hi], idx[lo:hi], int(n_tile[lo]), total, c, rule, best, n_in, found, mask_buf)
+            cands = [_select(a[lo:hi], idx32[lo:hi], int(n_tile[lo]), total, c, rule, best, n_in, found, mask_buf)
                      for lo, hi in segments]
             # one merge per tile: the bounds of its later groups are a little looser, but each merge
             # sorts the k kept cells of every test example it touches
@@ -371,7 +372,7 @@ def top_k(mask_columns: MaskColumns, out: Outcomes, n_train: int, k: int, thresh
                 if len(sel):
                     ah = np.matmul(m_half[h].T, half_out[h].x[:, c],
                                    out=hbuf[:len(sel) * width_c].reshape(len(sel), width_c))
-                    _half_pairs(ah, idx[sel], half_n[h][idx[sel]], half_rule[h], c, half_found[h], mask_buf)
+                    _half_pairs(ah, idx32[sel], half_n[h][idx[sel]], half_rule[h], c, half_found[h], mask_buf)
     del buf, hbuf, mask_buf
     b = _estimates(mask_columns, out, n_in, best.id, np.arange(n_test)[:, None], best.a)
     with _written_once():
@@ -411,13 +412,14 @@ def _estimates(mask_columns: MaskColumns, out: Outcomes, n_in: np.ndarray, ids, 
     return difference(a, n, total - a, out.runs - n, sq_in, sq_out, out.binary, dtype=np.float32)
 
 
-def _passing(a: np.ndarray, need: np.ndarray, exact: bool, mask_buf: np.ndarray):
-    """(train position, test row, value) of the cells of `a` (w, cols; contiguous) >= need (per test row)."""
+def _passing(a: np.ndarray, need: np.ndarray, exact: bool, mask_buf: np.ndarray, values: bool = True):
+    """(train position, test row, value or None) of the cells of `a` (w, cols; contiguous) >= need (per
+    test row)."""
     hit = np.greater_equal(a, need[None, :].astype(np.float32) if exact else need[None, :],
                            out=mask_buf[:a.size].reshape(a.shape))
     flat = np.flatnonzero(hit)
     i, j = np.divmod(flat, a.shape[1])
-    return i, j, a.ravel()[flat].astype(np.float64)
+    return i, j, a.ravel()[flat] if values else None  # float32: compared with float64 bounds exactly
 
 
 def _select(a, ids, n, total, c, rule: _Rule, best: _Best, n_in, found, mask_buf):
@@ -430,8 +432,7 @@ def _select(a, ids, n, total, c, rule: _Rule, best: _Best, n_in, found, mask_buf
     cand = ids[i]
     is_pair = vals >= pair_need[j]
     if is_pair.any():
-        found.append((cand[is_pair].astype(np.int32), (j[is_pair] + c.start).astype(np.int32),
-                      vals[is_pair].astype(np.float32)))
+        found.append((cand[is_pair], (j[is_pair] + c.start).astype(np.int32), vals[is_pair]))
     top = vals >= top_need[j]
     tj, ta = j[top], vals[top]
     return tj, cand[top], rule.key(ta, n, total[tj]), ta
@@ -452,11 +453,11 @@ def _half_pairs(a, ids, n_half, rule: _Rule, c, found, mask_buf) -> None:
     cut = np.flatnonzero(np.diff(n_half)) + 1
     for lo, hi in zip(np.r_[0, cut], np.r_[cut, len(ids)]):
         n = int(n_half[lo])
-        i, j, vals = _passing(a[lo:hi], rule.pair_need(n, total), rule.exact, mask_buf)
+        i, j, vals = _passing(a[lo:hi], rule.pair_need(n, total), rule.exact, mask_buf, values=not rule.exact)
         if not rule.exact and len(j):
             ok = rule.key(vals, n, total[j]) >= rule.threshold
             i, j = i[ok], j[ok]
-        found.append((ids[lo + i].astype(np.int32), (j + c.start).astype(np.int32)))
+        found.append((ids[lo + i], (j + c.start).astype(np.int32)))
 
 
 def _square_sums(mask_columns: MaskColumns, out: Outcomes, ids: np.ndarray, tests: np.ndarray) -> np.ndarray:
