@@ -131,7 +131,11 @@ def per_class(mask_columns: MaskColumns, out: Outcomes, train_labels: np.ndarray
     counts for a 0/1 target (estimators/rational.py)."""
     blocks = []
     exact = out.binary and threshold is not None
-    xt = np.ascontiguousarray(out.x.T)  # classes pick scattered test examples: rows of this
+    # the test examples grouped by class, so that a class is a range of columns a GEMM reads in place:
+    # one gather along the rows (0.12 s at 4,000 x 10,000, against 0.25 s for a transposed copy)
+    by_class = np.argsort(test_labels, kind="stable")
+    xs = np.take(out.x, by_class, axis=1)
+    sorted_labels = np.asarray(test_labels)[by_class]
     for k in np.union1d(np.unique(train_labels), np.unique(test_labels)):
         tr = np.flatnonzero(train_labels == k)
         te = np.flatnonzero(test_labels == k)
@@ -143,7 +147,8 @@ def per_class(mask_columns: MaskColumns, out: Outcomes, train_labels: np.ndarray
             total, total_sq = out.total.astype(np.float32), None if out.binary else out.total_sq.astype(np.float32)
             for rows, cols in tiles(len(tr), len(te), budget_bytes):
                 m = mask_columns(tr[rows]).astype(np.float32)  # (runs, len(rows))
-                x = xt[te[cols]].T
+                first = np.searchsorted(sorted_labels, k) + cols[0]  # te ascends, as the stable sort keeps it
+                x = xs[:, first:first + len(cols)]
                 a_in = m.T @ x
                 n_in = m.sum(axis=0, dtype=np.float64)
                 block = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
