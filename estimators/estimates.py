@@ -57,9 +57,13 @@ def difference(sum_in, n_in, sum_out, n_out, sq_in=None, sq_out=None, binary: bo
     n_out = np.asarray(n_out, dtype=dtype)
     if binary:
         se = np.sqrt(_div(mean_in * (1 - mean_in), n_in, dtype) + _div(mean_out * (1 - mean_out), n_out, dtype))
-        if not intervals:
-            return Difference(est=est, se=se.astype(dtype), ci_low=None, ci_high=None, mean_in=mean_in,
-                              mean_out=mean_out)
+    else:
+        var_in = _div(np.asarray(sq_in, dtype) - n_in * mean_in**2, n_in - 1, dtype)
+        var_out = _div(np.asarray(sq_out, dtype) - n_out * mean_out**2, n_out - 1, dtype)
+        se = np.sqrt(np.maximum(var_in, 0) / n_in + np.maximum(var_out, 0) / n_out)
+    if not intervals:
+        return Difference(est=est, se=se.astype(dtype), ci_low=None, ci_high=None, mean_in=mean_in, mean_out=mean_out)
+    if binary:
         # Agresti-Caffo: one pseudo-success and one pseudo-failure on each side
         p_in = (np.asarray(sum_in, dtype) + 1) / (n_in + 2)
         p_out = (np.asarray(sum_out, dtype) + 1) / (n_out + 2)
@@ -69,12 +73,6 @@ def difference(sum_in, n_in, sum_out, n_out, sq_in=None, sq_out=None, binary: bo
         low = np.where(undefined, np.nan, np.clip(centre - half, -1, 1)).astype(dtype)
         high = np.where(undefined, np.nan, np.clip(centre + half, -1, 1)).astype(dtype)
     else:
-        var_in = _div(np.asarray(sq_in, dtype) - n_in * mean_in**2, n_in - 1, dtype)
-        var_out = _div(np.asarray(sq_out, dtype) - n_out * mean_out**2, n_out - 1, dtype)
-        se = np.sqrt(np.maximum(var_in, 0) / n_in + np.maximum(var_out, 0) / n_out)
-        if not intervals:
-            return Difference(est=est, se=se.astype(dtype), ci_low=None, ci_high=None, mean_in=mean_in,
-                              mean_out=mean_out)
         low, high = est - z * se, est + z * se
     return Difference(est=est, se=se.astype(dtype), ci_low=low, ci_high=high, mean_in=mean_in, mean_out=mean_out)
 

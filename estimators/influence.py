@@ -75,13 +75,10 @@ def block(mask_columns: MaskColumns, out: Outcomes, rows: np.ndarray, cols: np.n
     return _block(mask_columns, out, rows, cols)[0]
 
 
-def _block(mask_columns: MaskColumns, out: Outcomes, rows: np.ndarray, cols: np.ndarray,
-           xt: np.ndarray | None = None, intervals: bool = True):
-    """block(), and the in-sums and in-counts it came from. `xt`: out.x transposed and contiguous, from
-    which scattered test columns are contiguous rows (gathering them from out.x misses cache per run).
-    intervals=False: estimates and standard errors only (per-class keeps no intervals)."""
+def _block(mask_columns: MaskColumns, out: Outcomes, rows: np.ndarray, cols: np.ndarray):
+    """block(), and the in-sums and in-counts it came from."""
     m = mask_columns(rows).astype(np.float32)  # (runs, len(rows))
-    x = out.x[:, cols] if xt is None else xt[cols].T
+    x = out.x[:, cols]
     a_in = m.T @ x
     n_in = m.sum(axis=0, dtype=np.float64)[:, None]
     n_out = out.runs - n_in
@@ -91,7 +88,7 @@ def _block(mask_columns: MaskColumns, out: Outcomes, rows: np.ndarray, cols: np.
         sq_in = m.T @ (x * x)
         sq_out = out.total_sq[cols].astype(np.float32)[None, :] - sq_in
     return difference(a_in, n_in.astype(np.float32), a_out, n_out.astype(np.float32), sq_in, sq_out,
-                      out.binary, dtype=np.float32, intervals=intervals), a_in, n_in[:, 0]
+                      out.binary, dtype=np.float32), a_in, n_in[:, 0]
 
 
 def tiles(n_train: int, n_test: int, budget_bytes: float) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -136,19 +133,18 @@ def per_class(mask_columns: MaskColumns, out: Outcomes, train_labels: np.ndarray
     by_class = np.argsort(test_labels, kind="stable")
     xs = np.take(out.x, by_class, axis=1)
     sorted_labels = np.asarray(test_labels)[by_class]
+    total, total_sq = out.total.astype(np.float32), None if out.binary else out.total_sq.astype(np.float32)
     for k in np.union1d(np.unique(train_labels), np.unique(test_labels)):
         tr = np.flatnonzero(train_labels == k)
         te = np.flatnonzero(test_labels == k)
-        # the tiles cover the whole block: no NaN fill first (an empty block is all NaN)
-        fill = np.empty if len(tr) and len(te) else lambda shape, dtype: np.full(shape, np.nan, dtype)
-        infl, se = fill((len(tr), len(te)), np.float32), fill((len(tr), len(te)), np.float32)
+        start = np.searchsorted(sorted_labels, k)  # te's columns in xs (it ascends, as the stable sort keeps it)
+        # no NaN fill: the tiles cover the block (and an empty block has no cells)
+        infl, se = np.empty((len(tr), len(te)), np.float32), np.empty((len(tr), len(te)), np.float32)
         found_r, found_j = [], []
         if len(tr) and len(te):
-            total, total_sq = out.total.astype(np.float32), None if out.binary else out.total_sq.astype(np.float32)
             for rows, cols in tiles(len(tr), len(te), budget_bytes):
                 m = mask_columns(tr[rows]).astype(np.float32)  # (runs, len(rows))
-                first = np.searchsorted(sorted_labels, k) + cols[0]  # te ascends, as the stable sort keeps it
-                x = xs[:, first:first + len(cols)]
+                x = xs[:, start + cols[0]:start + cols[-1] + 1]
                 a_in = m.T @ x
                 n_in = m.sum(axis=0, dtype=np.float64)
                 block = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
@@ -414,7 +410,8 @@ def _estimates(mask_columns: MaskColumns, out: Outcomes, n_in: np.ndarray, ids, 
     if not out.binary:
         sq_in = _square_sums(mask_columns, out, ids, tests)
         sq_out = out.total_sq.astype(np.float32)[tests] - sq_in
-    return difference(a, n, total - a, out.runs - n, sq_in, sq_out, out.binary, dtype=np.float32)
+    return difference(a, n, total - a, out.runs - n, sq_in, sq_out, out.binary, dtype=np.float32,
+                      intervals=intervals)
 
 
 def _passing(a: np.ndarray, need: np.ndarray, exact: bool, mask_buf: np.ndarray, values: bool = True):
