@@ -135,3 +135,59 @@ def test_soft_top_k_and_its_standard_errors_equal_the_reference():
         assert set(zip(top.pairs_train.tolist(), top.pairs_test.tolist())) == set(zip(*np.nonzero(ref["est"] >= 0.5)))
         np.testing.assert_allclose(top.pairs_se, ref["se"][top.pairs_train, top.pairs_test], atol=2e-5)
     assert top.train[3, 0] == 7
+
+
+@pytest.mark.parametrize("n,n_rows", [(5000, 7), (200_000, 3000), (3000, 2**40)])
+def test_row_order_is_a_stable_lexsort(n, n_rows):
+    """The top-k merge's packed 64-bit sort must order exactly as lexsort((-key, row)): exact ties kept
+    in position order, keys that differ in their last bit (same bucket) apart, -0.0 equal to 0.0,
+    -inf last; the last case leaves too few key bits and takes the plain sort."""
+    rng = np.random.default_rng(n)
+    base = rng.integers(-5, 6, n) / 7.0  # few distinct values: many exact ties
+    nudge = rng.integers(0, 3, n)  # 0, 1 or 2 ulps up: near-ties that share a bucket
+    key = np.where(nudge > 0, np.nextafter(base, np.inf), base)
+    key = np.where(nudge > 1, np.nextafter(key, np.inf), key)
+    key[rng.random(n) < 0.05] = -np.inf
+    key[rng.random(n) < 0.05] = -0.0
+    key[rng.random(n) < 0.05] = 0.0
+    row = rng.integers(0, min(n_rows, 2**20), n)
+    got = inf.row_order(row, key, n_rows)
+    want = np.lexsort((-key, row))
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("float_path", [True, False])
+@pytest.mark.parametrize("t,threshold", [(40, 0.15), (200, 0.15), (9000, 0.123)])
+def test_selection_bounds_are_the_smallest_passing_in_sums(monkeypatch, float_path, t, threshold):
+    """top_k compares in-sums against per-row bounds computed once a tile (float64 where exact, int64
+    beyond t = 8192): each must be the smallest in-sum whose estimate reaches the threshold, or beats
+    the running k-th best strictly, found here by trying every in-sum."""
+    if not float_path:
+        monkeypatch.setattr(inf._Rule, "_float_exact", staticmethod(lambda largest: False))
+    rng = np.random.default_rng(t)
+    n_test, k = 12, 3
+    x = (rng.random((t, n_test)) < rng.random(n_test)).astype(np.float32)
+    out = inf.Outcomes(x, binary=True)
+    rule = inf._Rule(out, threshold)
+    assert rule.exact
+    n_in = rng.integers(1, t, 50)
+    best = inf._Best(n_test, k)
+    best.count[:] = np.where(np.arange(n_test) < 9, k, 1)  # the last three rows are not full yet
+    best.id[:, -1] = rng.integers(0, 50, n_test)
+    totals = out.total.astype(np.int64)
+    best.a[:, -1] = [rng.integers(max(0, n_in[i] - (t - T)), min(n_in[i], T) + 1)  # a possible in-sum
+                     for i, T in zip(best.id[:, -1], totals)]
+    pair_bound, top_bound = rule.pair_need(rule.total), rule.top_need(rule.total, best, slice(0, n_test), n_in)
+    for n in (1, t // 3, t // 2, t - 1, *n_in[best.id[:3, -1]]):  # the k-th's own n: exact ties
+        n = int(n)
+        a = np.arange(n + 1)
+        pair, top = pair_bound(n), top_bound(n)
+        for j, T in enumerate(totals):
+            ok = rational.at_least(a, n, T, t, threshold)
+            assert (a >= pair[j]).tolist() == ok.tolist()
+            if j >= 9:
+                assert top[j] < 0
+                continue
+            kth = rational.order_key(best.a[j, -1], n_in[best.id[j, -1]], T, t)
+            beats = rational.order_key(a, n, T, t) > kth
+            assert (a >= top[j]).tolist() == beats.tolist()
