@@ -40,16 +40,31 @@ class Clock:
     (this process, all threads) is what the phase costs, and CPU / threads is its wall time alone."""
 
     def __enter__(self):
-        self.wall, self.cpu, self.sys = time.perf_counter(), time.process_time(), os.times().system
+        self.wall, self.user, self.sys = time.perf_counter(), *_cpu()
         return self
 
     def __exit__(self, *exc):
-        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
-        self.sys = os.times().system - self.sys  # the kernel's share: page faults of fresh memory, mostly
+        user, sys_ = _cpu()
+        self.wall = time.perf_counter() - self.wall
+        self.user, self.sys = user - self.user, sys_ - self.sys  # sys: page faults of fresh memory, mostly
 
     @property
-    def user(self) -> float:
-        return self.cpu - self.sys
+    def cpu(self) -> float:
+        return self.user + self.sys
+
+
+def _cpu() -> tuple[float, float]:
+    """User and kernel CPU seconds of this process, all threads, from one clock (getrusage, in us): two
+    clocks of different resolution (process_time, os.times' 10 ms ticks) made short phases' user time
+    negative."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime
+
+
+def ratio(a: float, b: float) -> str:
+    """a / b to two decimals; "n/a" where b is no time at all (a tiny smoke-test shape: the kernel
+    splits a process's CPU time into user and system by clock ticks, so a short phase can show none)."""
+    return f"{a / b:.2f}" if b > 0 else "n/a"
 
 
 def fastest(a: "Clock | None", b: "Clock") -> "Clock":
@@ -352,10 +367,11 @@ def main() -> None:
         print(f"  {name:28s} {c.wall:8.2f} {c.cpu:8.2f} {c.sys:8.2f}{ext}")
     # the kernel's share is listed apart: on this VM a fresh 2 MB page can cost 15 ms to fault in, and
     # how many a phase meets depends on what ran before it (docs/performance.md)
-    print(f"  selection pass / its GEMMs   {t_topk.wall / t_gemm.wall:8.2f} wall, {t_topk.cpu / t_gemm.cpu:.2f} CPU, "
-          f"{t_topk.user / t_gemm.user:.2f} user CPU  ({flops / t_gemm.cpu / 1e9:.0f} GFLOP per CPU second in the GEMMs)")
-    print(f"  per-class / its GEMMs        {t_pc.wall / t_pc_gemm.wall:8.2f} wall, {t_pc.cpu / t_pc_gemm.cpu:.2f} CPU, "
-          f"{t_pc.user / t_pc_gemm.user:.2f} user CPU")
+    gflops = flops / max(t_gemm.cpu, 1e-9) / 1e9
+    for name, p, g in (("selection pass / its GEMMs", t_topk, t_gemm), ("per-class / its GEMMs", t_pc, t_pc_gemm)):
+        print(f"  {name:28s} {ratio(p.wall, g.wall):>8s} wall, {ratio(p.cpu, g.cpu)} CPU, "
+              f"{ratio(p.user, g.user)} user CPU" + (f"  ({gflops:.0f} GFLOP per CPU second in the GEMMs)"
+                                                      if p is t_topk else ""))
     print(f"  pairs >= 0.15: {len(top.pairs_train):,} (halves {len(top.half_pairs[0][0]):,}, "
           f"{len(top.half_pairs[1][0]):,}); planted influences recovered: {recovered} of {a.planted}")
     print(f"  peak memory {peak_mb():.0f} MB")
