@@ -108,9 +108,10 @@ def gemm_seconds(mask_columns, out: inf.Outcomes, n_train: int, halves: inf.Halv
     rows, cols = inf.tile_shape(n_train, out.x.shape[1], budget, inf.TOPK_BYTES_PER_CELL)
     groups = [np.flatnonzero(halves.half == h) for h in range(2)]
     xs = [np.asarray(out.x[g], np.float32) for g in groups]
-    # into reused buffers and train-major, as top_k computes them: the GEMMs alone, not page faults
+    # into one reused buffer and train-major, as top_k computes them; faulted in before the clock starts,
+    # so that the clock sees the GEMMs alone
     buf = np.empty(rows * min(cols, out.x.shape[1]), np.float32)
-    buf[:] = 0  # faulted in before the clock starts: the GEMMs alone
+    buf[:] = 0
     clock = Clock().__enter__()
     for r0, r1 in inf.topk_tiles(n_train, rows, k):  # the pass's own tiles
         ids = np.arange(r0, r1)

@@ -23,7 +23,7 @@ from estimators.estimates import Difference, difference, epilogue_into
 
 MaskColumns = Callable[[np.ndarray], np.ndarray]
 BYTES_PER_CELL = 4 * 12  # float32 A, the out sums, and the temporaries of `difference`
-TOPK_BYTES_PER_CELL = 4 * 5  # top-k: the transposed GEMM tile, the halves' two, the comparison's mask, slack
+TOPK_BYTES_PER_CELL = 4 * 5  # top-k: the GEMM tile, the halves' (one buffer for both), the mask, slack
 
 
 @contextmanager
@@ -73,11 +73,6 @@ class Outcomes:
 
 def block(mask_columns: MaskColumns, out: Outcomes, rows: np.ndarray, cols: np.ndarray) -> Difference:
     """Influence of training examples `rows` on test examples `cols`: one GEMM and its epilogue."""
-    return _block(mask_columns, out, rows, cols)[0]
-
-
-def _block(mask_columns: MaskColumns, out: Outcomes, rows: np.ndarray, cols: np.ndarray):
-    """block(), and the in-sums and in-counts it came from."""
     m = mask_columns(rows).astype(np.float32)  # (runs, len(rows))
     x = out.x[:, cols]
     a_in = m.T @ x
@@ -89,7 +84,7 @@ def _block(mask_columns: MaskColumns, out: Outcomes, rows: np.ndarray, cols: np.
         sq_in = m.T @ (x * x)
         sq_out = out.total_sq[cols].astype(np.float32)[None, :] - sq_in
     return difference(a_in, n_in.astype(np.float32), a_out, n_out.astype(np.float32), sq_in, sq_out,
-                      out.binary, dtype=np.float32), a_in, n_in[:, 0]
+                      out.binary, dtype=np.float32)
 
 
 def tiles(n_train: int, n_test: int, budget_bytes: float) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -313,10 +308,7 @@ class _Rule:
         if not self.exact:
             ntotal = np.asarray(total, np.float64) / t
 
-            def soft(n):
-                need = self.threshold * n * (t - n) / t + n * ntotal
-                return need - 1e-6 * (np.abs(need) + 1)  # the margin lets the exact key decide
-            return soft
+            return lambda n: _below(self.threshold * n * (t - n) / t + n * ntotal)
         f = rational.fraction(self.threshold)
         p, q = f.numerator, f.denominator
         if not self._float_exact(t * t * (abs(p) + q)):  # n p (t - n) + n q T
@@ -334,10 +326,7 @@ class _Rule:
             kth = np.where(filled, best.key[c, -1], 0) / t
             ntotal = np.asarray(total, np.float64) / t
 
-            def soft(n):
-                need = kth * (n * (t - n)) + n * ntotal
-                return np.where(filled, need - 1e-6 * (np.abs(need) + 1), -np.inf)
-            return soft
+            return lambda n: np.where(filled, _below(kth * (n * (t - n)) + n * ntotal), -np.inf)
         # key > kth  <=>  a t den > (ka t - kn T) n (t - n) + n T den, with the k-th best's in-sum ka,
         # count kn and den = kn (t - kn); rows not yet full get a bound no in-sum is below
         kn = np.where(filled, n_in[np.maximum(best.id[c, -1], 0)], 1).astype(np.int64)
@@ -356,6 +345,12 @@ class _Rule:
         2^53, and then floor(fl(r / d)) = floor(r / d), since a quotient that is not an integer is at
         least 1 / d from one and rounding moves it by at most |r / d| 2^-53 < 1 / d."""
         return largest < 2**52
+
+
+def _below(need: np.ndarray) -> np.ndarray:
+    """A soft target's float bound, lowered by a margin: the cells it lets through are decided by their
+    exact float64 key, so rounding in the bound never drops one."""
+    return need - 1e-6 * (np.abs(need) + 1)
 
 
 def topk_tiles(n_train: int, rows: int, k: int) -> Iterator[tuple[int, int]]:
